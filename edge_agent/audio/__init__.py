@@ -1,0 +1,1 @@
+"""Audio building blocks: PCM formats and levels, resampling, Ogg Opus encode/decode."""

@@ -1,0 +1,461 @@
+"""Capture sources: where PCM blocks come from, each with its capture time.
+
+A `Source` is opened as an async context manager that yields an async iterator of
+`Block`s in the capture format (rate, channels, sample format from the config).
+The capture task in `agent.py` writes them to the ring. Three sources:
+
+- `SoundDeviceSource`: a microphone through PortAudio (sounddevice).
+- `FileSource`: a WAV file, paced at real time or as fast as possible.
+- `ToneSource`: a sine, for demos and tests.
+
+The PortAudio callback runs on PortAudio's real-time thread, so it only copies
+the block into a bounded deque and wakes Trio with `run_sync_soon`; it never
+blocks, logs, or waits for Trio.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import wave
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import trio
+from numpy.typing import NDArray
+
+from ..clock import Clock
+from .pcm import SampleFormat, from_float32, mix_down, numpy_dtype, unpack_int24
+from .resample import StreamResampler
+
+__all__ = [
+    "Block",
+    "CaptureError",
+    "DeviceInfo",
+    "FileSource",
+    "Source",
+    "SourceStats",
+    "SoundDeviceSource",
+    "ToneSource",
+    "list_input_devices",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Frames shaped (n, channels) in the capture format; times are of frame 0."""
+
+    frames: NDArray[Any]
+    utc: float
+    mono: float
+
+
+@dataclass
+class SourceStats:
+    """Counters a source keeps for health and metrics."""
+
+    blocks: int = 0
+    frames: int = 0
+    input_overflows: int = 0
+    # Blocks the callback had to drop because Trio did not drain the queue in time.
+    queue_drops: int = 0
+    opens: int = 0
+
+
+class CaptureError(Exception):
+    """Capture cannot go on (device missing, refused settings, device lost).
+
+    The message is one line meant for the person on site.
+    """
+
+
+class Source(Protocol):
+    rate: int
+    channels: int
+    format: SampleFormat
+    stats: SourceStats
+
+    def open(self) -> Any:
+        """An async context manager yielding an `AsyncIterator[Block]`."""
+        ...
+
+
+# ----------------------------------------------------------------------------
+# Synthetic and file sources
+
+
+class _Pacer:
+    """Timestamps and (optionally) real-time pacing for generated audio.
+
+    Timestamps follow the sample count from the moment of opening, so a source
+    run as fast as possible yields a consistent virtual timeline.
+    """
+
+    def __init__(self, clock: Clock, rate: int, realtime: bool) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.realtime = realtime
+        self.utc0 = clock.utc()
+        self.mono0 = clock.mono()
+        self.trio0 = trio.current_time()
+        self.position = 0
+
+    async def stamp(self, frames: int) -> tuple[float, float]:
+        """Times of the next block; in real-time mode wait until it is 'captured'."""
+        offset = self.position / self.rate
+        self.position += frames
+        if self.realtime:
+            await trio.sleep_until(self.trio0 + self.position / self.rate)
+        else:
+            await trio.lowlevel.checkpoint()
+        return self.utc0 + offset, self.mono0 + offset
+
+
+@dataclass
+class ToneSource:
+    """A sine wave at `tone_hz` and `dbfs`, forever or for `seconds`."""
+
+    rate: int
+    channels: int
+    format: SampleFormat
+    clock: Clock
+    block_ms: int = 20
+    tone_hz: float = 440.0
+    dbfs: float = -20.0
+    seconds: float = 0.0
+    realtime: bool = True
+    stats: SourceStats = field(default_factory=SourceStats)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
+        self.stats.opens += 1
+        yield self._blocks()
+
+    async def _blocks(self) -> AsyncIterator[Block]:
+        pacer = _Pacer(self.clock, self.rate, self.realtime)
+        block = max(1, self.rate * self.block_ms // 1000)
+        total = round(self.seconds * self.rate) if self.seconds > 0 else None
+        amplitude = 10 ** (self.dbfs / 20)
+        step = 2 * math.pi * self.tone_hz / self.rate
+        while total is None or pacer.position < total:
+            n = block if total is None else min(block, total - pacer.position)
+            phase = step * (pacer.position + np.arange(n))
+            mono = (amplitude * np.sin(phase)).astype(np.float32)
+            frames = from_float32(np.repeat(mono[:, None], self.channels, axis=1), self.format)
+            utc, mono_t = await pacer.stamp(n)
+            self.stats.blocks += 1
+            self.stats.frames += n
+            yield Block(frames, utc, mono_t)
+
+
+@dataclass
+class FileSource:
+    """A WAV file delivered in capture blocks, converted to the capture format.
+
+    The file is read block by block (memory does not depend on its length) and
+    resampled with libsamplerate when its rate differs from the capture rate.
+    """
+
+    path: Path
+    rate: int
+    channels: int
+    format: SampleFormat
+    clock: Clock
+    block_ms: int = 20
+    realtime: bool = True
+    loop: bool = False
+    stats: SourceStats = field(default_factory=SourceStats)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.describe()  # fail early, with the reason, on a file we cannot read
+
+    def describe(self) -> tuple[int, int, int]:
+        """(rate, channels, bytes per sample) of the file; CaptureError if unusable."""
+        try:
+            with wave.open(str(self.path), "rb") as w:
+                params = w.getparams()
+        except FileNotFoundError:
+            raise CaptureError(f"{self.path}: no such file") from None
+        except (wave.Error, EOFError, OSError) as exc:
+            raise CaptureError(f"{self.path}: not a PCM WAV file ({exc})") from None
+        if params.sampwidth not in (2, 3, 4) or params.comptype != "NONE":
+            raise CaptureError(
+                f"{self.path}: unsupported WAV sample width {8 * params.sampwidth} bits; "
+                "expected 16, 24 or 32-bit PCM"
+            )
+        return params.framerate, params.nchannels, params.sampwidth
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
+        self.stats.opens += 1
+        yield self._blocks()
+
+    async def _blocks(self) -> AsyncIterator[Block]:
+        file_rate, file_channels, width = self.describe()
+        pacer = _Pacer(self.clock, self.rate, self.realtime)
+        in_block = max(1, file_rate * self.block_ms // 1000)
+        resampler = (
+            StreamResampler(file_rate, self.rate, self.channels) if file_rate != self.rate else None
+        )
+        while True:
+            with wave.open(str(self.path), "rb") as w:
+                while raw := w.readframes(in_block):
+                    block = self._convert(raw, width, file_channels, resampler)
+                    if len(block):
+                        yield await self._stamped(pacer, block)
+            if not self.loop:
+                break
+        if resampler is not None:
+            tail = resampler.flush()
+            if len(tail):
+                yield await self._stamped(pacer, from_float32(tail, self.format))
+
+    def _convert(
+        self, raw: bytes, width: int, file_channels: int, resampler: StreamResampler | None
+    ) -> NDArray[Any]:
+        if width == 3:
+            samples: NDArray[Any] = unpack_int24(raw, file_channels)
+        else:
+            dtype = np.dtype("<i2") if width == 2 else np.dtype("<i4")
+            samples = np.frombuffer(raw, dtype=dtype).reshape(-1, file_channels)
+        mixed = mix_down(samples, self.channels)
+        if resampler is not None:
+            mixed = resampler.process(mixed)
+        return from_float32(mixed, self.format)
+
+    async def _stamped(self, pacer: _Pacer, frames: NDArray[Any]) -> Block:
+        utc, mono = await pacer.stamp(len(frames))
+        self.stats.blocks += 1
+        self.stats.frames += len(frames)
+        return Block(frames, utc, mono)
+
+
+# ----------------------------------------------------------------------------
+# PortAudio
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    channels: int
+    default_rate: float
+    hostapi: str
+    is_default: bool
+
+
+def _sd() -> Any:
+    """Import sounddevice lazily: it fails at import time without libportaudio,
+    and file/tone sources must work without it."""
+    try:
+        import sounddevice
+    except OSError as exc:
+        raise CaptureError(f"PortAudio is not available ({exc}); install libportaudio2") from None
+    return sounddevice
+
+
+def list_input_devices(*, refresh: bool = False) -> list[DeviceInfo]:
+    """Input devices PortAudio sees now (re-initialised first when `refresh`)."""
+    sd = _sd()
+    if refresh:
+        _reinitialise(sd)
+    try:
+        default_in = sd.default.device[0]
+        hostapis = sd.query_hostapis()
+        devices = sd.query_devices()
+    except sd.PortAudioError as exc:
+        raise CaptureError(f"PortAudio cannot list devices: {exc}") from None
+    return [
+        DeviceInfo(
+            index=i,
+            name=d["name"],
+            channels=d["max_input_channels"],
+            default_rate=d["default_samplerate"],
+            hostapi=hostapis[d["hostapi"]]["name"],
+            is_default=(i == default_in),
+        )
+        for i, d in enumerate(devices)
+        if d["max_input_channels"] > 0
+    ]
+
+
+def _reinitialise(sd: Any) -> None:
+    """PortAudio builds its device list once; re-initialise it so a re-plugged or
+    late USB mic is seen. Private API, but the documented way to do this."""
+    try:
+        sd._terminate()
+        sd._initialize()
+    except sd.PortAudioError as exc:
+        raise CaptureError(f"PortAudio cannot be re-initialised: {exc}") from None
+
+
+def _describe_devices(devices: list[DeviceInfo]) -> str:
+    if not devices:
+        return "no input devices at all"
+    return "; ".join(f"{d.index}: '{d.name}' ({d.channels} ch, {d.default_rate:g} Hz)"
+                     for d in devices)
+
+
+def resolve_device(spec: str | int, devices: list[DeviceInfo]) -> DeviceInfo:
+    """Pick an input device by index, case-insensitive name substring, or "default"."""
+    if spec == "default":
+        for d in devices:
+            if d.is_default:
+                return d
+        if devices:
+            return devices[0]
+    elif isinstance(spec, int):
+        for d in devices:
+            if d.index == spec:
+                return d
+    else:
+        matches = [d for d in devices if spec.lower() in d.name.lower()]
+        if matches:
+            return matches[0]
+    raise CaptureError(f"no input device matches {spec!r}; available: {_describe_devices(devices)}")
+
+
+class _Handoff:
+    """The bounded queue between the PortAudio thread and Trio.
+
+    `deque.append`/`popleft` are atomic in CPython, so the callback needs no lock.
+    """
+
+    def __init__(self, max_blocks: int, token: trio.lowlevel.TrioToken) -> None:
+        self.queue: collections.deque[Block] = collections.deque()
+        self.max_blocks = max_blocks
+        self.token = token
+        self.event = trio.Event()
+        self.finished = False
+
+    def wake(self) -> None:
+        # Runs in Trio via run_sync_soon; must never raise.
+        self.event.set()
+
+    def notify(self) -> None:
+        self.token.run_sync_soon(self.wake, idempotent=True)
+
+    async def wait(self) -> None:
+        await self.event.wait()
+        self.event = trio.Event()
+
+
+@dataclass
+class SoundDeviceSource:
+    """A PortAudio input stream, chosen by name substring, index or "default"."""
+
+    device: str | int
+    rate: int
+    channels: int
+    format: SampleFormat
+    clock: Clock
+    block_ms: int = 20
+    queue_blocks: int = 500
+    stall_seconds: float = 5.0
+    stats: SourceStats = field(default_factory=SourceStats)
+    device_name: str = ""
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
+        sd = _sd()
+        # Re-initialise on every open after the first so a re-plugged device is found.
+        devices = list_input_devices(refresh=self.stats.opens > 0)
+        info = resolve_device(self.device, devices)
+        self.device_name = info.name
+        dtype = numpy_dtype(self.format)
+        try:
+            sd.check_input_settings(
+                device=info.index, channels=self.channels, dtype=dtype, samplerate=self.rate
+            )
+        except sd.PortAudioError as exc:
+            raise CaptureError(
+                f"input device '{info.name}' refuses {self.rate} Hz, {self.channels} channel(s), "
+                f"{self.format}: {exc} (it reports {info.channels} ch, "
+                f"{info.default_rate:g} Hz)"
+            ) from None
+        handoff = _Handoff(self.queue_blocks, trio.lowlevel.current_trio_token())
+        callback = self._make_callback(sd, handoff)
+
+        def finished() -> None:
+            handoff.finished = True
+            try:
+                handoff.notify()
+            except trio.RunFinishedError:
+                pass
+
+        self.stats.opens += 1
+        try:
+            stream = sd.InputStream(
+                device=info.index,
+                channels=self.channels,
+                samplerate=self.rate,
+                dtype=dtype,
+                blocksize=max(1, self.rate * self.block_ms // 1000),
+                callback=callback,
+                finished_callback=finished,
+            )
+            stream.start()
+        except sd.PortAudioError as exc:
+            raise CaptureError(f"cannot open input device '{info.name}': {exc}") from None
+        log.info("capture opened device=%r rate=%d channels=%d format=%s",
+                 info.name, self.rate, self.channels, self.format)
+        try:
+            yield self._blocks(handoff, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_stream, stream)
+
+    @staticmethod
+    def _close_stream(stream: Any) -> None:
+        try:
+            stream.abort(ignore_errors=True)
+            stream.close(ignore_errors=True)
+        except Exception:  # a vanished device can fail anything here; nothing to save
+            log.debug("closing a lost stream failed", exc_info=True)
+
+    def _make_callback(self, sd: Any, handoff: _Handoff) -> Callable[..., None]:
+        clock = self.clock
+        stats = self.stats
+
+        def callback(indata: NDArray[Any], frames: int, time: Any, status: Any) -> None:
+            if status.input_overflow:
+                stats.input_overflows += 1
+            # Capture time of frame 0: now, minus how long ago the ADC sampled it.
+            latency = time.currentTime - time.inputBufferAdcTime
+            if not 0.0 <= latency < 1.0:
+                latency = 0.0
+            block = Block(indata.copy(), clock.utc() - latency, clock.mono() - latency)
+            if len(handoff.queue) >= handoff.max_blocks:
+                stats.queue_drops += 1
+            else:
+                handoff.queue.append(block)
+            try:
+                handoff.notify()
+            except trio.RunFinishedError:
+                raise sd.CallbackAbort from None
+
+        return callback
+
+    async def _blocks(self, handoff: _Handoff, stream: Any) -> AsyncIterator[Block]:
+        while True:
+            while handoff.queue:
+                block = handoff.queue.popleft()
+                self.stats.blocks += 1
+                self.stats.frames += len(block.frames)
+                yield block
+            if handoff.finished or not stream.active:
+                raise CaptureError(f"input device '{self.device_name}' stopped delivering audio "
+                                   "(unplugged?)")
+            with trio.move_on_after(self.stall_seconds) as scope:
+                await handoff.wait()
+            if scope.cancelled_caught:
+                raise CaptureError(f"input device '{self.device_name}' delivered no audio for "
+                                   f"{self.stall_seconds:g} s")

@@ -1,0 +1,179 @@
+"""The `edge-agent` command line.
+
+Every error a person on site can cause (a bad config, a missing device, a wrong
+argument) ends with one clear line per problem on stderr and exit status 2;
+tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import trio
+
+from . import config as cfgmod
+from .audio.sources import CaptureError, list_input_devices
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+log = logging.getLogger("edge_agent")
+
+
+class _Fail(Exception):
+    """Raised inside a command to end with exit status 2 and these lines."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def setup_logging(level: str) -> None:
+    """One line per event, key=value fields, to stderr (journald keeps the time)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Always-on audio agent: capture, live transcription, durable spool, device API.",
+    )
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="default: info")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", "-c", required=True, type=Path, help="the TOML config file")
+
+    demo = sub.add_parser("demo", help="run the agent end to end on a bundled speech sample")
+    demo.add_argument("--data-dir", type=Path,
+                      help="where to put the files (default: a new temporary directory)")
+    demo.add_argument("--fast", action="store_true",
+                      help="feed the sample as fast as possible instead of in real time")
+
+    sub.add_parser("devices", help="list audio input devices")
+
+    cfg = sub.add_parser("config", help="create, check, show or edit a config file")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    init = csub.add_parser("init", help="write a complete default config")
+    init.add_argument("path", nargs="?", type=Path, help="file to write (default: stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    check = csub.add_parser("check", help="validate a config file")
+    check.add_argument("path", type=Path)
+    show = csub.add_parser("show", help="print the effective config, defaults included")
+    show.add_argument("path", type=Path)
+    setp = csub.add_parser("set", help="edit keys in place: key.path=value ...")
+    setp.add_argument("path", type=Path)
+    setp.add_argument("assignments", nargs="+", metavar="key.path=value")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.command == "config":
+            return _config(args)
+        if args.command == "devices":
+            return _devices()
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "demo":
+            return _demo(args.data_dir, fast=args.fast)
+    except cfgmod.ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except (_Fail, CaptureError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _config(args: argparse.Namespace) -> int:
+    action = args.config_command
+    if action == "init":
+        text = cfgmod.dump(msgspec.to_builtins(cfgmod.default_config()))
+        if args.path is None:
+            sys.stdout.write(text)
+            return 0
+        if args.path.exists() and not args.force:
+            raise _Fail(f"{args.path}: already exists (use --force to overwrite)")
+        cfgmod.write_atomic(args.path, text)
+        print(f"wrote {args.path}")
+        return 0
+    if action == "check":
+        cfgmod.load_config(args.path)
+        print(f"{args.path}: ok")
+        return 0
+    if action == "show":
+        sys.stdout.write(cfgmod.to_toml(cfgmod.load_config(args.path)))
+        return 0
+    if action == "set":
+        raw = cfgmod.read_toml(args.path)
+        for text in args.assignments:
+            parts, value = cfgmod.parse_assignment(text)
+            cfgmod.assign(raw, parts, value)
+        # Validate the edited document before anything touches the file.
+        try:
+            cfgmod.validate(raw)
+        except cfgmod.ConfigError as exc:
+            raise cfgmod.ConfigError(
+                [f"{args.path}: {line} (file left unchanged)" for line in exc.problems]
+            ) from None
+        cfgmod.write_atomic(args.path, cfgmod.dump(raw))
+        print(f"{args.path}: updated {', '.join(a.partition('=')[0] for a in args.assignments)}")
+        return 0
+    raise AssertionError(action)
+
+
+def _devices() -> int:
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found")
+        return 1
+    print(f"{'index':>5}  {'channels':>8}  {'rate':>7}  {'host API':<12}  name")
+    for d in devices:
+        mark = " (default)" if d.is_default else ""
+        print(f"{d.index:>5}  {d.channels:>8}  {d.default_rate:>7g}  {d.hostapi:<12}  "
+              f"{d.name}{mark}")
+    return 0
+
+
+def _run(path: Path) -> int:
+    from .agent import Agent
+
+    config = cfgmod.load_config(path)
+    agent = Agent(config)
+    trio.run(lambda: agent.run(handle_signals=True))
+    return 0
+
+
+def _demo(data_dir: Path | None, *, fast: bool) -> int:
+    from .demo import run_demo
+
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
+    print(f"edge-agent demo: data dir {data_dir}")
+    print("playing the bundled speech sample through the agent"
+          + (" as fast as possible" if fast else " in real time") + " ...")
+    report = trio.run(lambda: run_demo(data_dir, realtime=not fast))
+    print(f"captured {report.seconds_captured:.2f} s in {report.blocks} blocks, "
+          f"{report.input_overflows} input overflows")
+    for f in report.files:
+        print(f"wrote {f} ({f.stat().st_size} bytes)")
+    print(f"total {report.bytes_written} bytes written under {report.data_dir}")
+    return 0

@@ -1,0 +1,109 @@
+"""Wall-clock and monotonic time for capture timestamps, injectable for tests.
+
+Trio's clock drives scheduling; capture timestamps need the OS clocks because the
+PortAudio callback runs on a foreign thread. Monotonic time is the truth for
+spans; UTC is what the backend asks for, so whether it is NTP-synchronised is
+recorded with the audio.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Clock", "ManualClock", "SystemClock", "ntp_synchronized"]
+
+
+class Clock(Protocol):
+    def utc(self) -> float:
+        """Seconds since the Unix epoch."""
+        ...
+
+    def mono(self) -> float:
+        """Seconds of a monotonic clock."""
+        ...
+
+    def synced(self) -> bool:
+        """Whether the wall clock is synchronised (NTP)."""
+        ...
+
+
+class _Timex(ctypes.Structure):
+    # The head of struct timex from <sys/timex.h>; ctypes aligns the `long`s as the
+    # C ABI does on 32- and 64-bit. Only `status` is read; the tail is padding
+    # larger than the rest of the kernel struct.
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 256),
+    ]
+
+
+_STA_UNSYNC = 0x0040
+_TIME_ERROR = 5
+
+
+def ntp_synchronized() -> bool:
+    """True when the kernel says the clock is disciplined (adjtimex, read-only).
+
+    This is what `timedatectl` reports as "System clock synchronized"; it is false
+    on a Pi without RTC until its first NTP sync.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        tx.modes = 0
+        state = libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return False
+    return state not in (-1, _TIME_ERROR) and not (tx.status & _STA_UNSYNC)
+
+
+class SystemClock:
+    """The real clocks; the NTP flag is re-read at most once a second."""
+
+    def __init__(self) -> None:
+        self._synced = False
+        self._checked_at = -1e9
+
+    def utc(self) -> float:
+        return time.time()
+
+    def mono(self) -> float:
+        return time.monotonic()
+
+    def synced(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked_at >= 1.0:
+            self._synced = ntp_synchronized()
+            self._checked_at = now
+        return self._synced
+
+
+@dataclass
+class ManualClock:
+    """A clock tests move by hand (including wall-clock steps)."""
+
+    utc_now: float = 1_800_000_000.0
+    mono_now: float = 1000.0
+    is_synced: bool = True
+
+    def utc(self) -> float:
+        return self.utc_now
+
+    def mono(self) -> float:
+        return self.mono_now
+
+    def synced(self) -> bool:
+        return self.is_synced
+
+    def advance(self, seconds: float) -> None:
+        self.utc_now += seconds
+        self.mono_now += seconds

@@ -1,0 +1,182 @@
+"""The config file as an installer meets it: `edge-agent config ...` on real files."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cli import main
+from edge_agent.config import ConfigError, default_config, load_config, validate
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cfg_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    path = tmp_path / "agent.toml"
+    assert run_cli(capsys, "config", "init", str(path))[0] == 0
+    return path
+
+
+def test_init_writes_a_complete_default_file(cfg_file: Path) -> None:
+    raw = tomllib.loads(cfg_file.read_text())
+    assert set(raw) == {"device", "capture", "ring", "stt", "segments", "upload", "api"}
+    assert raw["capture"]["rate"] == 48000
+    assert validate(raw) == default_config()
+
+
+def test_init_refuses_to_overwrite(cfg_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = cfg_file.read_bytes()
+    code, _, err = run_cli(capsys, "config", "init", str(cfg_file))
+    assert code == 2
+    assert err == f"error: {cfg_file}: already exists (use --force to overwrite)\n"
+    assert cfg_file.read_bytes() == before
+
+
+def test_init_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "config", "init")
+    assert code == 0
+    assert validate(tomllib.loads(out)) == default_config()
+
+
+def test_check_accepts_the_default(cfg_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "config", "check", str(cfg_file)) == (0, f"{cfg_file}: ok\n", "")
+
+
+def test_bad_values_get_one_line_each_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[capture]\nrate = "48k"\nchannels = 0\nformat = "int8"\nrat = 1\n'
+        '[device]\nid = "my device"\n[ring]\nseconds = true\n[stt]\nprotocol = "grpc"\n'
+        "[bogus]\nx = 1\n"
+    )
+    code, out, err = run_cli(capsys, "config", "check", str(path))
+    assert code == 2
+    assert out == ""
+    p = str(path)
+    assert err.splitlines() == [
+        f"error: {p}: bogus: unknown key; known keys here: "
+        "api, capture, device, ring, segments, stt, upload",
+        f"error: {p}: device.id: expected a string of letters, digits, '.', '_' or '-' "
+        '(at most 64), got "my device"',
+        f"error: {p}: capture.rat: unknown key (did you mean 'rate'?); known keys here: "
+        "block_ms, channels, device, file, format, loop, queue_blocks, rate, realtime, source, "
+        "stall_seconds, tone_dbfs, tone_hz, tone_seconds",
+        f'error: {p}: capture.rate: expected an integer, got "48k"',
+        f"error: {p}: capture.channels: expected an integer >= 1, got 0",
+        f'error: {p}: capture.format: expected one of "int16", "int32", "float32", got "int8"',
+        f"error: {p}: ring.seconds: expected a number, got true",
+        f'error: {p}: stt.protocol: expected one of "openai", "deepgram", "raw", got "grpc"',
+    ]
+
+
+def test_rules_across_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate({"capture": {"source": "file"}, "upload": {"enabled": True, "url": "ftp://x"}})
+    assert info.value.problems == [
+        'capture.file: expected a WAV file path when capture.source = "file"',
+        'upload.url: expected an http:// or https:// URL, got "ftp://x"',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file (create one with: edge-agent config init {p})"),
+        (b"[capture\nrate=1", "not valid TOML: Expected ']' at the end of a table declaration "
+                              "(at line 1, column 9)"),
+        (b"\xff\xfe", "not UTF-8 text (byte 0)"),
+    ],
+)
+def test_unreadable_files_are_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run_cli(capsys, "config", "check", str(path))
+    assert code == 2
+    assert err == f"error: {path}: {message.format(p=path)}\n"
+
+
+def test_directory_instead_of_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "config", "show", str(tmp_path))
+    assert (code, err) == (2, f"error: {tmp_path}: is a directory, expected a TOML file\n")
+
+
+def test_show_prints_the_effective_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "small.toml"
+    path.write_text('[capture]\nrate = 16000\n[device]\nid = "kitchen-1"\n')
+    code, out, _ = run_cli(capsys, "config", "show", str(path))
+    assert code == 0
+    shown = tomllib.loads(out)
+    assert shown["capture"]["rate"] == 16000
+    assert shown["device"]["id"] == "kitchen-1"
+    assert shown["ring"]["seconds"] == default_config().ring.seconds  # defaults filled in
+
+
+def test_set_edits_in_place_and_keeps_other_keys(
+    cfg_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "config", "set", str(cfg_file),
+        "capture.rate=16000", "device.id=porch-7", "capture.device=2", "stt.enabled=false",
+    )
+    assert code == 0, out
+    cfg = load_config(cfg_file)
+    assert cfg.capture.rate == 16000
+    assert cfg.device.id == "porch-7"
+    assert cfg.capture.device == 2
+    assert cfg.segments == default_config().segments
+
+
+def test_set_with_a_bad_value_leaves_the_file_untouched(
+    cfg_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = cfg_file.read_bytes()
+    code, _, err = run_cli(capsys, "config", "set", str(cfg_file), "capture.rate=48k",
+                           "capture.chanels=2")
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {cfg_file}: capture.chanels: unknown key (did you mean 'channels'?); known keys "
+        "here: block_ms, channels, device, file, format, loop, queue_blocks, rate, realtime, "
+        "source, stall_seconds, tone_dbfs, tone_hz, tone_seconds (file left unchanged)",
+        f'error: {cfg_file}: capture.rate: expected an integer, got "48k" (file left unchanged)',
+    ]
+    assert cfg_file.read_bytes() == before
+    assert [p.name for p in cfg_file.parent.iterdir()] == [cfg_file.name]  # no temp left
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("capture.rate", "capture.rate: expected key.path=value"),
+        ("=5", "=5: expected key.path=value"),
+        ("capture..rate=5", "capture..rate: expected a dotted key path such as capture.rate"),
+        ("capture.rate.x=5", "capture.rate: is a value, not a table"),
+    ],
+)
+def test_set_rejects_malformed_assignments(
+    cfg_file: Path, capsys: pytest.CaptureFixture[str], arg: str, message: str
+) -> None:
+    before = cfg_file.read_bytes()
+    code, _, err = run_cli(capsys, "config", "set", str(cfg_file), arg)
+    assert (code, err) == (2, f"error: {message}\n")
+    assert cfg_file.read_bytes() == before
+
+
+def test_set_keeps_the_file_mode(cfg_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg_file.chmod(0o600)
+    assert run_cli(capsys, "config", "set", str(cfg_file), "ring.seconds=120")[0] == 0
+    assert cfg_file.stat().st_mode & 0o777 == 0o600
+    assert load_config(cfg_file).ring.seconds == 120
