@@ -47,7 +47,8 @@ def setup_logging(level: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-agent",
-        description="Always-on audio agent: capture, live transcription, durable spool, device API.",
+        description="Always-on audio agent: capture, live transcription, durable spool, "
+        "device API.",
     )
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: info")

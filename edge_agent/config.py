@@ -23,16 +23,16 @@ import msgspec
 import tomli_w
 
 __all__ = [
-    "ApiConfig",
     "AgentConfig",
+    "ApiConfig",
     "CaptureConfig",
     "ConfigError",
-    "assign",
     "DeviceConfig",
     "RingConfig",
     "SegmentsConfig",
     "SttConfig",
     "UploadConfig",
+    "assign",
     "default_config",
     "dump",
     "load_config",
@@ -294,7 +294,9 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = p.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"{p}: no such file (create one with: edge-agent config init {p})"])
+        raise ConfigError(
+            [f"{p}: no such file (create one with: edge-agent config init {p})"]
+        ) from None
     except IsADirectoryError:
         raise ConfigError([f"{p}: is a directory, expected a TOML file"]) from None
     except PermissionError:

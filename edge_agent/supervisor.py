@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import trio
 
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 TaskState = Literal["starting", "running", "backoff", "finished"]
 
 
-class TaskStatus(Protocol):
-    def started(self, value: Any = None) -> None: ...
+# Stages take trio's `task_status` and call `started()` once ready.
+TaskStatus = trio.TaskStatus[Any]
 
 
 TaskFn = Callable[[TaskStatus], Awaitable[None]]
@@ -156,9 +156,9 @@ class Supervisor:
                 health.failures += 1
                 health.last_error = f"{type(exc).__name__}: {exc}"
                 health.last_failure_at = now
-                health.recent_failures = [
-                    t for t in health.recent_failures if now - t <= self.window
-                ][-(self.failing_after * 4) :] + [now]
+                recent = [t for t in health.recent_failures if now - t <= self.window]
+                # Only the last few matter for health; keep the list bounded.
+                health.recent_failures = [*recent[-(self.failing_after * 4) :], now]
                 health.state = "backoff"
                 health.next_start_at = now + delay
                 first_attempt_over.set()

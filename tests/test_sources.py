@@ -138,6 +138,6 @@ def test_missing_device_lists_the_available_ones() -> None:
         "3: 'USB PnP Sound Device: Audio (hw:1,0)' (1 ch, 48000 Hz); "
         "7: 'default' (32 ch, 44100 Hz)"
     )
-    with pytest.raises(CaptureError, match="^no input device matches 9; available: no input "
-                                           "devices at all$"):
+    with pytest.raises(CaptureError, match=r"^no input device matches 9; available: no input "
+                                           r"devices at all$"):
         resolve_device(9, [])

@@ -27,6 +27,7 @@ a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -96,6 +97,8 @@ _READ_FRAMES: Final = 5760
 _MAX_CHANNELS: Final = 8
 
 _c_ubyte_p = ctypes.POINTER(ctypes.c_ubyte)
+_c_int16_p = ctypes.POINTER(ctypes.c_int16)
+_c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
 class OpusError(RuntimeError):
@@ -164,7 +167,9 @@ class OggOpusEncoder:
         if not 500 <= bitrate <= 512000 * channels:
             raise ValueError(f"bitrate must be 500..{512000 * channels} bit/s, got {bitrate}")
         if application not in APPLICATIONS:
-            raise ValueError(f"application must be one of {sorted(APPLICATIONS)}, got {application!r}")
+            raise ValueError(
+                f"application must be one of {sorted(APPLICATIONS)}, got {application!r}"
+            )
         if frame_ms not in _FRAME_REQUESTS:
             raise ValueError(f"frame_ms must be one of {FRAME_MS}, got {frame_ms}")
         if serial is not None and not 0 <= serial < 2**32:
@@ -184,6 +189,7 @@ class OggOpusEncoder:
         self._finished = False
         self._page = _c_ubyte_p()
         self._page_len = ctypes.c_int32(0)
+        self._empty16 = np.zeros(channels, dtype=np.int16)
 
         c_comments = _lib.ope_comments_create()
         if not c_comments:
@@ -195,7 +201,9 @@ class OggOpusEncoder:
                     raise _ope_error(f"comments: cannot add {tag!r}", ret)
             err = ctypes.c_int(0)
             family = 0 if channels <= 2 else 1
-            enc = _lib.ope_encoder_create_pull(c_comments, rate, channels, family, ctypes.byref(err))
+            enc = _lib.ope_encoder_create_pull(
+                c_comments, rate, channels, family, ctypes.byref(err)
+            )
         finally:
             # The encoder keeps its own copy of the comments.
             _lib.ope_comments_destroy(c_comments)
@@ -254,6 +262,20 @@ class OggOpusEncoder:
         self._bytes_out += len(data)
         return data
 
+    def _start(self) -> None:
+        """Start the stream (header pages) if no audio has been written yet.
+
+        A zero-length write, not ope_encoder_flush_header: libopusenc 0.2.1
+        only sets the stream's end position in write, and draining a stream
+        that never saw a write reads it uninitialised (and may abort).
+        """
+        if self._started:
+            return
+        ret = _lib.ope_encoder_write(self._enc, self._empty16.ctypes.data_as(_c_int16_p), 0)
+        if ret != 0:
+            raise _ope_error("ope_encoder_write", ret)
+        self._started = True
+
     def write(self, pcm: NDArray[Any]) -> bytes:
         """Encode a block and return the Ogg pages completed so far (may be ``b""``).
 
@@ -275,11 +297,11 @@ class OggOpusEncoder:
             return b""
         if pcm.dtype == np.int16:
             block16 = np.ascontiguousarray(pcm)
-            ptr16 = block16.ctypes.data_as(ctypes.POINTER(ctypes.c_int16))
+            ptr16 = block16.ctypes.data_as(_c_int16_p)
             ret = _lib.ope_encoder_write(self._enc, ptr16, frames)
         else:
             blockf = np.ascontiguousarray(to_float32(pcm))
-            ptrf = blockf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            ptrf = blockf.ctypes.data_as(_c_float_p)
             ret = _lib.ope_encoder_write_float(self._enc, ptrf, frames)
         if ret != 0:
             raise _ope_error("ope_encoder_write", ret)
@@ -296,12 +318,7 @@ class OggOpusEncoder:
         costs ~30 bytes of page overhead per flush.
         """
         self._check_open()
-        if not self._started:
-            # Nothing written yet: emit the header pages so the file is valid.
-            ret = _lib.ope_encoder_flush_header(self._enc)
-            if ret != 0:
-                raise _ope_error("ope_encoder_flush_header", ret)
-            self._started = True
+        self._start()
         return self._pages(flush=True)
 
     def finish(self) -> bytes:
@@ -313,11 +330,11 @@ class OggOpusEncoder:
         if self._finished:
             return b""
         self._check_open()
+        self._start()
         ret = _lib.ope_encoder_drain(self._enc)
         if ret != 0:
             raise _ope_error("ope_encoder_drain", ret)
         self._finished = True
-        self._started = True
         return self._pages(flush=False)
 
     def close(self) -> None:
@@ -334,10 +351,8 @@ class OggOpusEncoder:
 
     def __del__(self) -> None:
         # Safety net only; errors at interpreter shutdown are not actionable.
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def encode_ogg_opus(pcm: NDArray[Any], rate: int, **kwargs: Any) -> bytes:
@@ -364,7 +379,7 @@ class DecodedOpus:
     @property
     def seconds(self) -> float:
         """Duration of the decoded audio."""
-        return self.pcm.shape[0] / self.rate
+        return float(self.pcm.shape[0]) / self.rate
 
 
 def decode_ogg_opus(data: bytes | bytearray | memoryview) -> DecodedOpus:
@@ -397,8 +412,7 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview) -> DecodedOpus:
             if capacity - pos < _READ_FRAMES:
                 capacity *= 2
                 out = np.resize(out, (capacity, channels))
-            dst = ctypes.cast(out.ctypes.data + out.itemsize * channels * pos,
-                              ctypes.POINTER(ctypes.c_float))
+            dst = ctypes.cast(out.ctypes.data + out.itemsize * channels * pos, _c_float_p)
             n = int(_lib.op_read_float(of, dst, (capacity - pos) * channels, ctypes.byref(link)))
             if n == _OP_HOLE:
                 logger.warning("Ogg Opus stream has a gap; decoding continues after it")
@@ -451,12 +465,15 @@ def last_complete_page_end(data: bytes | bytearray | memoryview) -> int:
     spot that is not a whole, intact page (a torn write, zero-filled blocks,
     garbage), so ``data[:result]`` is a run of valid pages. Returns 0 when the
     data does not start with a valid page.
+
+    A prefix holding only the two header pages (no audio page yet) is valid
+    Ogg but libopusfile refuses it (OP_EBADTIMESTAMP): treat it as empty.
     """
     view = memoryview(data).cast("B")
     size = len(view)
     pos = 0
     while pos + _OGG_HEADER <= size:
-        if view[pos : pos + 4] != b"OggS" or view[pos + 4] != 0:
+        if view[pos : pos + 4].tobytes() != b"OggS" or view[pos + 4] != 0:
             break
         nsegs = view[pos + 26]
         body_start = pos + _OGG_HEADER + nsegs

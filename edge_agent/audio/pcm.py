@@ -22,8 +22,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "DB_FLOOR",
     "CLIP_THRESHOLD",
+    "DB_FLOOR",
     "Levels",
     "SampleFormat",
     "from_float32",
@@ -96,10 +96,13 @@ def to_float32(block: NDArray[Any]) -> NDArray[np.float32]:
     dt = block.dtype
     if dt == np.float32:
         return block
+    out: NDArray[np.float32]
     if dt == np.int16:
-        return np.multiply(block, np.float32(1.0 / _INT16_SCALE), dtype=np.float32)
+        out = np.multiply(block, np.float32(1.0 / _INT16_SCALE), dtype=np.float32)
+        return out
     if dt == np.int32:
-        return np.multiply(block, np.float32(1.0 / _INT32_SCALE), dtype=np.float32)
+        out = np.multiply(block, np.float32(1.0 / _INT32_SCALE), dtype=np.float32)
+        return out
     if dt == np.float64:
         return block.astype(np.float32)
     raise ValueError(f"unsupported sample dtype {dt}; expected int16, int32, float32 or float64")
@@ -116,11 +119,11 @@ def from_float32(x: NDArray[np.float32], fmt: SampleFormat | str) -> NDArray[Any
     if fmt is SampleFormat.INT16:
         # float32 holds every int16 step exactly, so this path round-trips.
         top16 = np.float32((_INT16_SCALE - 1) / _INT16_SCALE)
-        scaled = np.clip(x, np.float32(-1.0), top16) * np.float32(_INT16_SCALE)
+        scaled: NDArray[np.float32] = np.clip(x, np.float32(-1.0), top16) * np.float32(_INT16_SCALE)
         return np.rint(scaled).astype(np.int16)
     # int32: 1 - 2**-31 is not representable in float32, so scale in float64.
     top32 = (_INT32_SCALE - 1) / _INT32_SCALE
-    scaled64 = np.clip(x.astype(np.float64), -1.0, top32) * _INT32_SCALE
+    scaled64: NDArray[np.float64] = np.clip(x.astype(np.float64), -1.0, top32) * _INT32_SCALE
     return np.rint(scaled64).astype(np.int32)
 
 
@@ -173,7 +176,8 @@ def mix_down(x: NDArray[Any], channels: int) -> NDArray[np.float32]:
     if in_ch == channels:
         return f
     if channels == 1:
-        return f.mean(axis=1, dtype=np.float32, keepdims=True)
+        mono: NDArray[np.float32] = f.mean(axis=1, dtype=np.float32, keepdims=True)
+        return mono
     if in_ch == 1:
         return np.repeat(f, channels, axis=1)
     if channels < in_ch:
@@ -248,6 +252,13 @@ def _wav_ready(x: NDArray[Any]) -> NDArray[Any]:
     return from_float32(to_float32(block), SampleFormat.INT16)
 
 
+def _open_target(path_or_file: str | os.PathLike[str] | BinaryIO) -> str | BinaryIO:
+    """What ``wave.open`` accepts: a str path (it ignores PathLike) or a file object."""
+    if isinstance(path_or_file, str | os.PathLike):
+        return os.fspath(path_or_file)
+    return path_or_file
+
+
 def write_wav(path_or_file: str | os.PathLike[str] | BinaryIO, x: NDArray[Any], rate: int) -> None:
     """Write a block as a PCM WAV file.
 
@@ -257,7 +268,7 @@ def write_wav(path_or_file: str | os.PathLike[str] | BinaryIO, x: NDArray[Any], 
     if rate <= 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     block = _wav_ready(x)
-    target = os.fspath(path_or_file) if isinstance(path_or_file, str | os.PathLike) else path_or_file
+    target = _open_target(path_or_file)
     with wave.open(target, "wb") as w:
         w.setnchannels(block.shape[1])
         w.setsampwidth(block.dtype.itemsize)
@@ -285,8 +296,8 @@ def read_wav(path: str | os.PathLike[str] | BinaryIO) -> tuple[NDArray[Any], int
             that is not plain integer PCM WAV (including float and, on Python
             3.11, WAVE_FORMAT_EXTENSIBLE files).
     """
-    name = os.fspath(path) if isinstance(path, str | os.PathLike) else getattr(path, "name", "<stream>")
-    target = os.fspath(path) if isinstance(path, str | os.PathLike) else path
+    target = _open_target(path)
+    name = target if isinstance(target, str) else getattr(target, "name", "<stream>")
     try:
         with wave.open(target, "rb") as w:
             channels = w.getnchannels()
