@@ -590,7 +590,10 @@ class RingReader:
 
     def _take(self, count: int, lost: int) -> ReadResult:
         start = self.cursor
-        frames = self._ring.read(start, start + count)
+        if count:
+            frames = self._ring.read(start, start + count)
+        else:  # the cursor may sit past head after a seek
+            frames = np.empty((0, self._ring.channels), dtype=self._ring.dtype)
         self.cursor = start + count
         return ReadResult(start, frames, lost)
 
