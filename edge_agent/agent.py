@@ -10,20 +10,27 @@ scope with its own deadline, so shutdown is bounded.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from .audio.pcm import SampleFormat
 from .audio.sources import CaptureError, FileSource, SoundDeviceSource, Source, ToneSource
 from .clock import Clock, SystemClock
-from .config import AgentConfig, CaptureConfig
+from .config import AgentConfig, CaptureConfig, ConfigError, load_config
 from .ring import AudioRing
+from .spool import Segmenter, Spool
+from .stt import SttStreamer
 from .supervisor import Backoff, Supervisor, TaskFn, TaskHealth, TaskStatus
+from .systemd import Notifier, NotifyStats, WatchdogPolicy, notify_systemd, watchdog_interval
+from .uploader import Uploader
 
 __all__ = ["Agent", "make_source"]
 
@@ -31,6 +38,12 @@ log = logging.getLogger(__name__)
 
 # How long the stages get to finish their work after a stop is requested.
 SHUTDOWN_GRACE_SECONDS = 4.0
+
+# Config sections a running agent applies on SIGHUP; the others need a restart.
+LIVE_SECTIONS = ("stt", "upload", "api")
+
+# Called with (old, new) config after a reload was accepted; may be async.
+ReloadCallback = Callable[[AgentConfig, AgentConfig], Awaitable[None] | None]
 
 
 def make_source(cfg: CaptureConfig, clock: Clock) -> Source:
@@ -66,8 +79,15 @@ class Agent:
         clock: Clock | None = None,
         source: Source | None = None,
         backoff: Backoff | None = None,
+        config_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config
+        # The file SIGHUP re-reads; None: no reload.
+        self.config_path = Path(config_path) if config_path is not None else None
+        self._on_reload: list[ReloadCallback] = []
+        self.reloads = 0
+        self.reloads_rejected = 0
+        self.notify_stats = NotifyStats()
         self.clock: Clock = clock or SystemClock()
         cap = config.capture
         self.ring = AudioRing(
@@ -81,10 +101,94 @@ class Agent:
         self._tasks: list[tuple[str, TaskFn]] = [("capture", self._capture)]
         self._cancel_scope: trio.CancelScope | None = None
         self._on_stop: list[Callable[[], Any]] = []
+        # The durable spool: the segmenter recovers it before it reports ready.
+        self.spool: Spool | None = None
+        self.segmenter: Segmenter | None = None
+        if config.segments.enabled:
+            self.spool = Spool(self.data_dir / "spool", device_id=config.device.id,
+                               config=config.segments, clock=self.clock)
+            self.segmenter = Segmenter(self.ring, self.spool, config.segments)
+            self._tasks.append(("segmenter", self.segmenter.run))
+        # The uploader drains the spool once the segmenter has recovered it.
+        self.uploader: Uploader | None = None
+        if config.upload.enabled and self.spool is not None:
+            self.uploader = Uploader(config.upload, config.device.id, self.spool,
+                                     clock=self.clock)
+            self._tasks.append(("uploader", self.uploader.run))
+            self.on_reload(self._reload_upload)
+        # Live transcription (best effort) reads the ring from its own cursor; a bad
+        # [stt] section or a missing token file is a ConfigError here, at start.
+        self.stt: SttStreamer | None = None
+        if config.stt.enabled:
+            self.stt = SttStreamer(config.stt, self.ring, device_id=config.device.id,
+                                   data_dir=self.data_dir, clock=self.clock)
+            self._tasks.append(("stt", self.stt.run))
+            self.on_reload(self._reload_stt)
 
     def add_task(self, name: str, fn: TaskFn) -> None:
         """Register a long-lived stage; call before `run`."""
         self._tasks.append((name, fn))
+
+    def on_reload(self, callback: ReloadCallback) -> None:
+        """Call `callback(old, new)` after each accepted config reload (SIGHUP).
+
+        Only the sections in `LIVE_SECTIONS` differ between old and new; a
+        component compares its own section and applies what changed.
+        """
+        self._on_reload.append(callback)
+
+    async def reload(self) -> bool:
+        """Re-read `config_path`: apply live sections, keep everything on errors.
+
+        Returns whether the file was accepted. Capture and ring settings are
+        never changed in a running agent (audio must not drop); a change to them
+        is logged as needing a restart and the running values are kept.
+        """
+        if self.config_path is None:
+            log.warning("config reload ignored: the agent was not started from a file")
+            return False
+        try:
+            new = await trio.to_thread.run_sync(load_config, self.config_path)
+        except ConfigError as exc:
+            self.reloads_rejected += 1
+            for line in exc.problems:
+                log.error("config reload rejected problem=%r", line)
+            log.error("config reload rejected path=%s kept=running config", self.config_path)
+            return False
+        old = self.config
+        changed = [f for f in old.__struct_fields__ if getattr(old, f) != getattr(new, f)]
+        live = {f: getattr(new, f) for f in changed if f in LIVE_SECTIONS}
+        for f in changed:
+            if f not in LIVE_SECTIONS:
+                log.warning("config reload section=%s changed: restart the agent to apply it "
+                            "(the running values are kept)", f)
+        self.config = msgspec.structs.replace(old, **live)
+        self.reloads += 1
+        for callback in self._on_reload:
+            try:
+                result = callback(old, self.config)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("config reload callback failed callback=%r", callback)
+        log.info("config reloaded path=%s applied=%s", self.config_path,
+                 ",".join(live) or "nothing changed")
+        return True
+
+    def _reload_upload(self, old: AgentConfig, new: AgentConfig) -> None:
+        if self.uploader is None or old.upload == new.upload:
+            return
+        if old.upload.enabled != new.upload.enabled:
+            log.warning("config reload upload.enabled changed: restart the agent to apply it")
+        self.uploader.reconfigure(new.upload)
+
+    def _reload_stt(self, old: AgentConfig, new: AgentConfig) -> None:
+        if self.stt is None or old.stt == new.stt:
+            return
+        if not new.stt.enabled:
+            log.warning("config reload stt.enabled changed: restart the agent to apply it")
+            return
+        self.stt.reconfigure(new.stt)
 
     @property
     def tasks(self) -> dict[str, TaskHealth]:
@@ -92,7 +196,14 @@ class Agent:
 
     def degraded(self) -> dict[str, str]:
         """Components that are not healthy now, with the reason (empty when ok)."""
-        return self.supervisor.degraded()
+        out = self.supervisor.degraded()
+        if self.spool is not None and (reason := self.spool.degraded_reason):
+            out["spool"] = reason
+        if self.uploader is not None and (reason := self.uploader.degraded()):
+            out.setdefault("uploader", reason)
+        if self.stt is not None and (reason := self.stt.degraded()):
+            out.setdefault("stt", reason)
+        return out
 
     async def run(
         self, *, handle_signals: bool = False, task_status: TaskStatus = trio.TASK_STATUS_IGNORED
@@ -103,6 +214,10 @@ class Agent:
             self._cancel_scope = nursery.cancel_scope
             if handle_signals:
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._watch_sighup)
+            notifier = Notifier.from_environment()
+            if notifier is not None:  # started by systemd
+                nursery.start_soon(self._notify_systemd, notifier)
             for name, fn in self._tasks:
                 await self.supervisor.start(nursery, name, fn)
             log.info("agent ready device=%s tasks=%s", self.config.device.id,
@@ -122,6 +237,21 @@ class Agent:
                 log.info("stopping signal=%s", signal.Signals(signum).name)
                 self.stop()
                 return
+
+    async def _watch_sighup(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                log.info("reloading config signal=SIGHUP path=%s", self.config_path)
+                await self.reload()
+
+    async def _notify_systemd(self, notifier: Notifier) -> None:
+        # A source's own stall detector must get to fail it before capture counts as wedged.
+        policy = WatchdogPolicy(capture_silence=max(30.0, 3 * self.config.capture.stall_seconds))
+        try:
+            await notify_systemd(self, notifier, watchdog=watchdog_interval(), policy=policy,
+                                 stats=self.notify_stats)
+        finally:
+            notifier.close()
 
     async def _capture(self, task_status: TaskStatus) -> None:
         """Move blocks from the source into the ring until the source ends."""

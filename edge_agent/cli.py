@@ -65,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("devices", help="list audio input devices")
 
+    lv = sub.add_parser("levels", help="live level meter of the input, to set the mic gain")
+    lv.add_argument("--config", "-c", type=Path,
+                    help="the TOML config file (default: built-in defaults)")
+    lv.add_argument("--device", "-d",
+                    help="input device by name substring or index (overrides the config)")
+    lv.add_argument("--seconds", type=float, default=0.0,
+                    help="stop after this much audio (default: until Ctrl-C)")
+
+    backend = sub.add_parser("backend", help="run the reference backend (segment uploads, STT)")
+    backend.add_argument("--listen", default="127.0.0.1:8650", metavar="HOST:PORT",
+                         help="address to listen on (default: 127.0.0.1:8650)")
+    backend.add_argument("--data-dir", required=True, type=Path,
+                         help="where received segments are stored")
+
     cfg = sub.add_parser("config", help="create, check, show or edit a config file")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     init = csub.add_parser("init", help="write a complete default config")
@@ -88,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _config(args)
         if args.command == "devices":
             return _devices()
+        if args.command == "levels":
+            return _levels(args.config, args.device, args.seconds)
         if args.command == "run":
             return _run(args.config)
+        if args.command == "backend":
+            return _backend(args.listen, args.data_dir)
         if args.command == "demo":
             return _demo(args.data_dir, fast=args.fast)
     except cfgmod.ConfigError as exc:
@@ -154,12 +172,56 @@ def _devices() -> int:
     return 0
 
 
+def _levels(path: Path | None, device: str | None, seconds: float) -> int:
+    from .agent import make_source
+    from .clock import SystemClock
+    from .levels import GOOD_PEAK_HIGH, GOOD_PEAK_LOW, LevelMeter, run_levels
+
+    if not seconds >= 0:
+        raise _Fail(f"--seconds {seconds:g}: expected a number of seconds, 0 or more")
+    config = cfgmod.load_config(path) if path is not None else cfgmod.default_config()
+    cap = config.capture
+    if device is not None:
+        cap = msgspec.structs.replace(
+            cap, source="sounddevice", device=int(device) if device.isdigit() else device)
+    source = make_source(cap, SystemClock())
+    what = f"device {cap.device!r}" if cap.source == "sounddevice" else f"{cap.source} source"
+    print(f"levels of {what}, {cap.rate} Hz, {cap.channels} ch: speak at the usual distance; "
+          f"speech should peak between {GOOD_PEAK_LOW:g} and {GOOD_PEAK_HIGH:g} dBFS")
+    live = sys.stdout.isatty()
+    meter = LevelMeter(source.rate, window_seconds=0.1)
+    try:
+        # On a terminal, ten readings a second on one line; otherwise a line a second.
+        summary = trio.run(lambda: run_levels(source, sys.stdout, seconds=seconds, live=live,
+                                              print_every=1 if live else 10, meter=meter))
+    except KeyboardInterrupt:
+        summary = meter.summary
+        print()
+    print(f"summary: {summary.seconds:.1f} s, peak {summary.peak_dbfs:.1f} dBFS, "
+          f"rms {summary.rms_dbfs:.1f} dBFS, overflows {summary.overflows}")
+    print(summary.advice())
+    return 0
+
+
 def _run(path: Path) -> int:
     from .agent import Agent
 
     config = cfgmod.load_config(path)
-    agent = Agent(config)
+    agent = Agent(config, config_path=path)  # SIGHUP re-reads the file
     trio.run(lambda: agent.run(handle_signals=True))
+    return 0
+
+
+def _backend(listen: str, data_dir: Path) -> int:
+    from .backend import Backend, run_backend
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise _Fail(f"--listen {listen}: expected HOST:PORT, such as 127.0.0.1:8650")
+    try:
+        trio.run(lambda: run_backend(Backend(data_dir), listen))
+    except OSError as exc:
+        raise _Fail(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
     return 0
 
 
@@ -174,7 +236,12 @@ def _demo(data_dir: Path | None, *, fast: bool) -> int:
     report = trio.run(lambda: run_demo(data_dir, realtime=not fast))
     print(f"captured {report.seconds_captured:.2f} s in {report.blocks} blocks, "
           f"{report.input_overflows} input overflows")
-    for f in report.files:
-        print(f"wrote {f} ({f.stat().st_size} bytes)")
+    for (meta, state), f in zip(report.segments, report.files, strict=True):
+        print(f"{state} segment {meta.id}: {meta.start_utc} .. {meta.end_utc}, "
+              f"{meta.seconds:.2f} s, {meta.bytes} bytes, {f}")
     print(f"total {report.bytes_written} bytes written under {report.data_dir}")
+    print(f"the reference backend at {report.backend_url} holds {len(report.synced)} "
+          f"segment(s) under {report.backend_dir}:")
+    for s in report.synced:
+        print(f"  {s.id}: {s.bytes} bytes, sha256 {s.sha256[:16]}..., {s.path.name}")
     return 0

@@ -101,14 +101,28 @@ class SttConfig(_Section):
     prompt: str = ""
     rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
     bitrate: Annotated[int, msgspec.Meta(ge=6000, le=256000)] = 24000
-    chunking: Literal["fixed", "vad"] = "fixed"
+    # "vad" cuts at pauses in speech and sends nothing for silence; "fixed" cuts
+    # every chunk_seconds.
+    chunking: Literal["fixed", "vad"] = "vad"
     chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     min_chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 1.0
     max_chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
+    vad: Literal["webrtc", "energy"] = "webrtc"
     vad_aggressiveness: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
+    # A pause this long ends a chunk; this much audio before speech starts is kept.
+    vad_silence_seconds: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
+    vad_preroll_seconds: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.3
     timeout_seconds: PositiveSeconds = 30.0
+    # Failed chunks are retried with backoff while younger than max_age_seconds.
+    max_age_seconds: PositiveSeconds = 60.0
+    backoff_initial_seconds: PositiveSeconds = 0.5
+    backoff_max_seconds: PositiveSeconds = 10.0
+    # Chunks waiting to be sent, bounded by audio seconds and bytes; the oldest
+    # are dropped (and counted) past either.
     backlog_seconds: PositiveSeconds = 120.0
     backlog_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 2_000_000
+    # Days of transcripts kept under data_dir/transcripts (one JSONL file per UTC day).
+    transcript_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
 
 
 class SegmentsConfig(_Section):
@@ -277,10 +291,22 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
             f"stt.min_chunk_seconds: expected at most stt.max_chunk_seconds "
             f"({stt.max_chunk_seconds:g}), got {stt.min_chunk_seconds:g}"
         )
+    if stt.enabled:
+        from .stt import check_stt_config  # the streamer owns its protocol rules
+
+        problems.extend(check_stt_config(stt))
     for section, url in (("stt", stt.url), ("upload", cfg.upload.url)):
         enabled = getattr(cfg, section).enabled
         if enabled and not re.match(r"^https?://[^/\s]+", url):
             problems.append(f'{section}.url: expected an http:// or https:// URL, got "{url}"')
+    if cfg.upload.enabled and re.match(r"^https?://[^/\s]+", cfg.upload.url):
+        from .uploader import check_url_template  # the uploader owns its URL template rules
+
+        if (problem := check_url_template(cfg.upload.url)) is not None:
+            problems.append(f'upload.url: {problem}, got "{cfg.upload.url}"')
+    if cfg.upload.enabled and not cfg.segments.enabled:
+        problems.append("upload.enabled: expected segments.enabled = true "
+                        "(the uploader sends the spooled segments)")
     return problems
 
 

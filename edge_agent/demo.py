@@ -1,8 +1,9 @@
 """`edge-agent demo`: the whole agent on any machine, with no mic and no network.
 
 A bundled speech sample is played through `FileSource` at real time into the
-ring and encoded to Ogg Opus files in a data directory. Each later stage (STT,
-spool, upload, API) adds itself here so the demo always shows the real agent.
+ring and spooled as sealed 5-second Ogg Opus segments under the data directory.
+Each later stage (STT, upload, API) adds itself here so the demo always shows the
+real agent.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 import trio
 
 from .agent import Agent
-from .audio.opus import OggOpusEncoder
+from .backend import Backend, StoredSegment, list_stored_segments, run_backend
 from .config import AgentConfig, validate
-from .supervisor import TaskStatus
+from .spool import SegmentMeta, SegmentState
 
 __all__ = ["DemoReport", "demo_config", "run_demo", "sample_path"]
 
@@ -29,7 +30,7 @@ def sample_path() -> Path:
     return Path(str(resources.files("edge_agent") / "data" / "speech.wav"))
 
 
-def demo_config(data_dir: Path, *, realtime: bool = True) -> AgentConfig:
+def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "") -> AgentConfig:
     return validate({
         "device": {"id": "demo-0001", "data_dir": str(data_dir)},
         "capture": {
@@ -37,6 +38,11 @@ def demo_config(data_dir: Path, *, realtime: bool = True) -> AgentConfig:
             "rate": 48000, "channels": 1, "format": "int16", "block_ms": 20,
         },
         "ring": {"seconds": 60},
+        # Short segments so the 10.6 s sample makes a few (the first one is partial).
+        "segments": {"enabled": True, "seconds": 5},
+        # Sealed segments go to the reference backend the demo runs on loopback.
+        "upload": {"enabled": bool(upload_url), "url": upload_url,
+                   "backoff_initial_seconds": 0.2, "backoff_max_seconds": 2.0},
     })
 
 
@@ -48,43 +54,44 @@ class DemoReport:
     input_overflows: int = 0
     files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
+    # Sealed segments, oldest first, with their state at the end of the run.
+    segments: list[tuple[SegmentMeta, SegmentState]] = field(default_factory=list)
+    # The reference backend the segments were uploaded to, and what it holds.
+    backend_url: str = ""
+    backend_dir: Path | None = None
+    synced: list[StoredSegment] = field(default_factory=list)
 
 
 async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
     """Run the agent on the bundled sample until it has been fully processed."""
-    config = demo_config(data_dir, realtime=realtime)
-    agent = Agent(config)
     report = DemoReport(data_dir)
-    out = data_dir / "recording.opus"
-    writer_done = trio.Event()
-
-    async def write_opus(task_status: TaskStatus) -> None:
-        # Reads the ring from the first frame and encodes it as it arrives.
-        reader = agent.ring.open_reader("demo-writer", start=0)
-        encoder = OggOpusEncoder(config.capture.rate, config.capture.channels,
-                                 bitrate=32000, application="audio")
-        with out.open("wb") as f:
-            task_status.started()
-            while not (agent.capture_finished.is_set() and reader.lag == 0):
-                with trio.move_on_after(0.2):
-                    await reader.wait()
-                chunk = reader.read()
-                if len(chunk.frames):
-                    f.write(await trio.to_thread.run_sync(encoder.write, chunk.frames))
-            f.write(encoder.finish())
-        encoder.close()
-        writer_done.set()
-
-    agent.add_task("demo-writer", write_opus)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
-        await writer_done.wait()
-        agent.stop()
+    backend = Backend(data_dir / "backend")
+    async with trio.open_nursery() as services:
+        report.backend_url = await services.start(run_backend, backend, "127.0.0.1:0")
+        report.backend_dir = backend.data_dir
+        config = demo_config(data_dir, realtime=realtime, upload_url=(
+            report.backend_url + "/v1/devices/{device}/segments/{segment}"))
+        agent = Agent(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            await agent.capture_finished.wait()
+            # Stopping seals the open segment after the segmenter drained the ring.
+            agent.stop()
+        # The segment sealed at stop is still pending: sync what is left.
+        assert agent.uploader is not None
+        with trio.move_on_after(30):
+            await agent.uploader.drain()
+        services.cancel_scope.cancel()
+    report.synced = list_stored_segments(backend.data_dir, config.device.id)
 
     stats = agent.source.stats
     report.seconds_captured = agent.ring.head / config.capture.rate
     report.blocks = stats.blocks
     report.input_overflows = stats.input_overflows
-    report.files = [out]
-    report.bytes_written = out.stat().st_size
+    spool, segmenter = agent.spool, agent.segmenter
+    assert spool is not None and segmenter is not None
+    # This run's seals (a reused data dir may hold older ones), with their state now.
+    report.segments = [got for meta in segmenter.sealed if (got := spool.get(meta.id))]
+    report.files = [spool.audio_path(meta.id) for meta, _ in report.segments]
+    report.bytes_written = sum(meta.bytes for meta, _ in report.segments)
     return report

@@ -16,8 +16,10 @@ blocks, logs, or waits for Trio.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
+import threading
 import wave
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,13 +38,15 @@ from .resample import StreamResampler
 __all__ = [
     "Block",
     "CaptureError",
+    "CaptureTimeline",
     "DeviceInfo",
     "FileSource",
+    "SoundDeviceSource",
     "Source",
     "SourceStats",
-    "SoundDeviceSource",
     "ToneSource",
     "list_input_devices",
+    "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ class SourceStats:
     # Blocks the callback had to drop because Trio did not drain the queue in time.
     queue_drops: int = 0
     opens: int = 0
+    # Times the capture timeline jumped to the device's clock (after an overflow).
+    timeline_resyncs: int = 0
 
 
 class CaptureError(Exception):
@@ -108,14 +114,20 @@ class _Pacer:
         self.position = 0
 
     async def stamp(self, frames: int) -> tuple[float, float]:
-        """Times of the next block; in real-time mode wait until it is 'captured'."""
+        """Times of the next block; in real-time mode wait until it is 'captured'.
+
+        The monotonic time follows the sample count; UTC is that plus the wall
+        clock's offset *now*, so a wall-clock step (NTP) shows in the stamps as it
+        would with a real device, while the sample timeline stays continuous.
+        """
         offset = self.position / self.rate
         self.position += frames
         if self.realtime:
             await trio.sleep_until(self.trio0 + self.position / self.rate)
         else:
             await trio.lowlevel.checkpoint()
-        return self.utc0 + offset, self.mono0 + offset
+        step = (self.clock.utc() - self.clock.mono()) - (self.utc0 - self.mono0)
+        return self.utc0 + offset + step, self.mono0 + offset
 
 
 @dataclass
@@ -252,6 +264,15 @@ class DeviceInfo:
     is_default: bool
 
 
+# PortAudio is not thread-safe and is driven from worker threads (opening an ALSA
+# device can take a while, so never on the Trio thread): one call at a time.
+# Re-entrant: a stream that fails to start is closed while the lock is held.
+_PORTAUDIO_LOCK = threading.RLock()
+
+# PortAudio error codes that mean "the device exists but not with these settings".
+_SETTINGS_ERRORS = {-9998, -9997, -9994}  # channel count, sample rate, sample format
+
+
 def _sd() -> Any:
     """Import sounddevice lazily: it fails at import time without libportaudio,
     and file/tone sources must work without it."""
@@ -263,8 +284,17 @@ def _sd() -> Any:
 
 
 def list_input_devices(*, refresh: bool = False) -> list[DeviceInfo]:
-    """Input devices PortAudio sees now (re-initialised first when `refresh`)."""
+    """Input devices PortAudio sees now (re-initialised first when `refresh`).
+
+    Blocking (PortAudio opens every device to probe it): call it from a worker
+    thread in async code.
+    """
     sd = _sd()
+    with _PORTAUDIO_LOCK:
+        return _list_locked(sd, refresh)
+
+
+def _list_locked(sd: Any, refresh: bool) -> list[DeviceInfo]:
     if refresh:
         _reinitialise(sd)
     try:
@@ -323,6 +353,69 @@ def resolve_device(spec: str | int, devices: list[DeviceInfo]) -> DeviceInfo:
     raise CaptureError(f"no input device matches {spec!r}; available: {_describe_devices(devices)}")
 
 
+class CaptureTimeline:
+    """Capture times for the blocks of one stream, from the sample count.
+
+    PortAudio's per-callback estimate (now minus the reported input latency) is
+    noisy: through PulseAudio it jitters by a block or two and can be off by
+    hundreds of milliseconds for the first second. Between overflows the stream
+    is contiguous, so the sample count is the truth; the estimate only steers the
+    timeline slowly (`gain` of the error per block, at most `max_slew` of the
+    block's duration) so clock drift between the sound card and the system is
+    followed without jitter and without spurious gaps. After an overflow (audio
+    was lost) or an error beyond `resync_seconds` the timeline jumps forward to
+    the estimate, and the ring records the gap. It never goes backwards, not
+    even across streams: `not_before` is where the previous stream's timeline
+    ended.
+    """
+
+    def __init__(
+        self,
+        rate: int,
+        *,
+        gain: float = 0.02,
+        max_slew: float = 0.1,
+        resync_seconds: float = 1.0,
+        not_before: float | None = None,
+    ) -> None:
+        self.rate = rate
+        self.gain = gain
+        self.max_slew = max_slew
+        self.resync_seconds = resync_seconds
+        self.resyncs = 0
+        # The most input latency believed: a stream cannot hold more audio than its
+        # buffer, so a larger report is not a delay of the audio (PulseAudio's for a
+        # monitor source is half a second too much; a host that does not know the
+        # ADC time reports 0 for it). Such a report counts as no latency.
+        self.max_latency = 1.0
+        self._next: float | None = None  # where the next block starts on the timeline
+        self._not_before = not_before
+
+    @property
+    def end(self) -> float | None:
+        """Where the last stamped block ended (None before the first block)."""
+        return self._next
+
+    def latency(self, reported: float) -> float:
+        """The input latency to subtract: PortAudio's report when it is believable."""
+        return reported if 0.0 <= reported <= self.max_latency else 0.0
+
+    def stamp(self, frames: int, estimate: float, *, overflow: bool = False) -> float:
+        """Start time of a block of `frames` whose start the device estimates at `estimate`."""
+        duration = frames / self.rate
+        expected = self._next
+        if expected is None:
+            start = estimate if self._not_before is None else max(estimate, self._not_before)
+        elif overflow or estimate - expected > self.resync_seconds:
+            start = max(estimate, expected)
+            self.resyncs += 1
+        else:
+            limit = self.max_slew * duration
+            start = expected + min(limit, max(-limit, self.gain * (estimate - expected)))
+        self._next = start + duration
+        return start
+
+
 class _Handoff:
     """The bounded queue between the PortAudio thread and Trio.
 
@@ -350,7 +443,14 @@ class _Handoff:
 
 @dataclass
 class SoundDeviceSource:
-    """A PortAudio input stream, chosen by name substring, index or "default"."""
+    """A PortAudio input stream, chosen by name substring, index or "default".
+
+    Every open re-initialises PortAudio first (its device list is built once), so
+    a mic that appears late after boot or is re-plugged is found by name; this
+    assumes the agent is the only PortAudio user in its process. Opening and
+    closing run in worker threads; a close that hangs in the driver is abandoned
+    after `close_timeout` so the capture task itself never hangs on it.
+    """
 
     device: str | int
     rate: int
@@ -360,79 +460,99 @@ class SoundDeviceSource:
     block_ms: int = 20
     queue_blocks: int = 500
     stall_seconds: float = 5.0
+    close_timeout: float = 5.0
     stats: SourceStats = field(default_factory=SourceStats)
     device_name: str = ""
+    # Where the previous stream's timeline ended: a reopened stream starts after it.
+    _timeline_end: float | None = field(default=None, init=False, repr=False)
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        sd = _sd()
-        # Re-initialise on every open after the first so a re-plugged device is found.
-        devices = list_input_devices(refresh=self.stats.opens > 0)
-        info = resolve_device(self.device, devices)
-        self.device_name = info.name
-        dtype = numpy_dtype(self.format)
-        try:
-            sd.check_input_settings(
-                device=info.index, channels=self.channels, dtype=dtype, samplerate=self.rate
-            )
-        except sd.PortAudioError as exc:
-            raise CaptureError(
-                f"input device '{info.name}' refuses {self.rate} Hz, {self.channels} channel(s), "
-                f"{self.format}: {exc} (it reports {info.channels} ch, "
-                f"{info.default_rate:g} Hz)"
-            ) from None
         handoff = _Handoff(self.queue_blocks, trio.lowlevel.current_trio_token())
-        callback = self._make_callback(sd, handoff)
-
-        def finished() -> None:
-            handoff.finished = True
-            try:
-                handoff.notify()
-            except trio.RunFinishedError:
-                pass
-
-        self.stats.opens += 1
-        try:
-            stream = sd.InputStream(
-                device=info.index,
-                channels=self.channels,
-                samplerate=self.rate,
-                dtype=dtype,
-                blocksize=max(1, self.rate * self.block_ms // 1000),
-                callback=callback,
-                finished_callback=finished,
-            )
-            stream.start()
-        except sd.PortAudioError as exc:
-            raise CaptureError(f"cannot open input device '{info.name}': {exc}") from None
+        timeline = CaptureTimeline(self.rate, not_before=self._timeline_end)
+        # abandon_on_cancel: shutdown must not wait for a driver that hangs in open.
+        stream = await trio.to_thread.run_sync(
+            self._start, handoff, timeline, abandon_on_cancel=True)
         log.info("capture opened device=%r rate=%d channels=%d format=%s",
-                 info.name, self.rate, self.channels, self.format)
+                 self.device_name, self.rate, self.channels, self.format)
         try:
             yield self._blocks(handoff, stream)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._close_stream, stream)
+            with trio.move_on_after(self.close_timeout, shield=True) as scope:
+                await trio.to_thread.run_sync(_close_stream, stream, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                log.error("capture close hung device=%r timeout=%gs (abandoned; PortAudio "
+                          "calls may now block until the process restarts)",
+                          self.device_name, self.close_timeout)
+            elif timeline.end is not None:
+                self._timeline_end = timeline.end
 
-    @staticmethod
-    def _close_stream(stream: Any) -> None:
-        try:
-            stream.abort(ignore_errors=True)
-            stream.close(ignore_errors=True)
-        except Exception:  # a vanished device can fail anything here; nothing to save
-            log.debug("closing a lost stream failed", exc_info=True)
+    def _start(self, handoff: _Handoff, timeline: CaptureTimeline) -> Any:
+        """Find the device, check the settings and start the stream (worker thread)."""
+        sd = _sd()
+        with _PORTAUDIO_LOCK:
+            info = resolve_device(self.device, _list_locked(sd, refresh=True))
+            self.device_name = info.name
+            dtype = numpy_dtype(self.format)
+            try:
+                sd.check_input_settings(
+                    device=info.index, channels=self.channels, dtype=dtype, samplerate=self.rate
+                )
+            except sd.PortAudioError as exc:
+                if _pa_code(exc) in _SETTINGS_ERRORS:
+                    raise CaptureError(
+                        f"input device '{info.name}' refuses {self.rate} Hz, {self.channels} "
+                        f"channel(s), {self.format}: {exc} (it reports {info.channels} ch, "
+                        f"{info.default_rate:g} Hz)"
+                    ) from None
+                raise CaptureError(f"cannot open input device '{info.name}': {exc}") from None
 
-    def _make_callback(self, sd: Any, handoff: _Handoff) -> Callable[..., None]:
+            def finished() -> None:
+                handoff.finished = True
+                with contextlib.suppress(trio.RunFinishedError):
+                    handoff.notify()
+
+            self.stats.opens += 1
+            blocksize = max(1, self.rate * self.block_ms // 1000)
+            try:
+                stream = sd.InputStream(
+                    device=info.index,
+                    channels=self.channels,
+                    samplerate=self.rate,
+                    dtype=dtype,
+                    blocksize=blocksize,
+                    callback=self._make_callback(sd, handoff, timeline),
+                    finished_callback=finished,
+                )
+            except sd.PortAudioError as exc:
+                raise CaptureError(f"cannot open input device '{info.name}': {exc}") from None
+            # Audio waiting in the stream's buffer plus the block being filled.
+            timeline.max_latency = float(stream.latency) + blocksize / self.rate
+            try:
+                stream.start()
+            except sd.PortAudioError as exc:
+                _close_stream(stream)
+                raise CaptureError(f"cannot start input device '{info.name}': {exc}") from None
+            return stream
+
+    def _make_callback(
+        self, sd: Any, handoff: _Handoff, timeline: CaptureTimeline
+    ) -> Callable[..., None]:
         clock = self.clock
         stats = self.stats
 
         def callback(indata: NDArray[Any], frames: int, time: Any, status: Any) -> None:
-            if status.input_overflow:
+            overflow = bool(status.input_overflow)
+            if overflow:
                 stats.input_overflows += 1
-            # Capture time of frame 0: now, minus how long ago the ADC sampled it.
-            latency = time.currentTime - time.inputBufferAdcTime
-            if not 0.0 <= latency < 1.0:
-                latency = 0.0
-            block = Block(indata.copy(), clock.utc() - latency, clock.mono() - latency)
+            # PortAudio's times share one clock base, whichever it is; only their
+            # difference (how long ago the ADC sampled frame 0) is used.
+            latency = timeline.latency(time.currentTime - time.inputBufferAdcTime)
+            mono_now = clock.mono()
+            wall_offset = clock.utc() - mono_now
+            mono = timeline.stamp(frames, mono_now - latency, overflow=overflow)
+            stats.timeline_resyncs = timeline.resyncs
+            block = Block(indata.copy(), mono + wall_offset, mono)
             if len(handoff.queue) >= handoff.max_blocks:
                 stats.queue_drops += 1
             else:
@@ -459,3 +579,19 @@ class SoundDeviceSource:
             if scope.cancelled_caught:
                 raise CaptureError(f"input device '{self.device_name}' delivered no audio for "
                                    f"{self.stall_seconds:g} s")
+
+
+def _pa_code(exc: Exception) -> int | None:
+    """The PortAudio error code of a sounddevice.PortAudioError, if it carries one."""
+    code = exc.args[1] if len(exc.args) > 1 else None
+    return code if isinstance(code, int) else None
+
+
+def _close_stream(stream: Any) -> None:
+    """Stop and close a stream whose device may be gone (worker thread)."""
+    with _PORTAUDIO_LOCK:
+        try:
+            stream.abort(ignore_errors=True)
+            stream.close(ignore_errors=True)
+        except Exception:  # a vanished device can fail anything here; nothing to save
+            log.debug("closing a lost stream failed", exc_info=True)
