@@ -244,4 +244,10 @@ def _demo(data_dir: Path | None, *, fast: bool) -> int:
           f"segment(s) under {report.backend_dir}:")
     for s in report.synced:
         print(f"  {s.id}: {s.bytes} bytes, sha256 {s.sha256[:16]}..., {s.path.name}")
+    if report.stt is not None:
+        st = report.stt
+        print(f"live transcription: {st.chunks_sent} chunk(s) sent ({st.bytes_sent} bytes of "
+              f"Opus), {st.seconds_skipped:.1f} s of silence not sent, {st.dropped} dropped:")
+        for t in report.transcripts:
+            print(f"  {t.start_utc} +{t.duration:.2f} s: {t.text}")
     return 0

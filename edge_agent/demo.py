@@ -19,6 +19,7 @@ from .agent import Agent
 from .backend import Backend, StoredSegment, list_stored_segments, run_backend
 from .config import AgentConfig, validate
 from .spool import SegmentMeta, SegmentState
+from .stt import SttStats, Transcript
 
 __all__ = ["DemoReport", "demo_config", "run_demo", "sample_path"]
 
@@ -26,11 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def sample_path() -> Path:
-    """The bundled speech sample (espeak-ng, 16 kHz mono, two sentences)."""
+    """The bundled speech sample (synthetic speech, 16 kHz mono, two sentences
+    with a 1.5 s pause; the words are in `speech.txt` beside it)."""
     return Path(str(resources.files("edge_agent") / "data" / "speech.wav"))
 
 
-def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "") -> AgentConfig:
+def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "",
+                stt_url: str = "") -> AgentConfig:
     return validate({
         "device": {"id": "demo-0001", "data_dir": str(data_dir)},
         "capture": {
@@ -43,6 +46,8 @@ def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "") 
         # Sealed segments go to the reference backend the demo runs on loopback.
         "upload": {"enabled": bool(upload_url), "url": upload_url,
                    "backoff_initial_seconds": 0.2, "backoff_max_seconds": 2.0},
+        # Live transcription: speech chunks (cut at pauses) to the same backend.
+        "stt": {"enabled": bool(stt_url), "protocol": "raw", "url": stt_url, "chunking": "vad"},
     })
 
 
@@ -60,6 +65,9 @@ class DemoReport:
     backend_url: str = ""
     backend_dir: Path | None = None
     synced: list[StoredSegment] = field(default_factory=list)
+    # What live transcription heard in this run, and its counters.
+    transcripts: list[Transcript] = field(default_factory=list)
+    stt: SttStats | None = None
 
 
 async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
@@ -70,11 +78,15 @@ async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
         report.backend_url = await services.start(run_backend, backend, "127.0.0.1:0")
         report.backend_dir = backend.data_dir
         config = demo_config(data_dir, realtime=realtime, upload_url=(
-            report.backend_url + "/v1/devices/{device}/segments/{segment}"))
+            report.backend_url + "/v1/devices/{device}/segments/{segment}"),
+            stt_url=report.backend_url + "/v1/stt/raw")
         agent = Agent(config)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
             await agent.capture_finished.wait()
+            if agent.stt is not None:  # the last chunk is cut, sent and answered
+                with trio.move_on_after(30):
+                    await agent.stt.wait_idle()
             # Stopping seals the open segment after the segmenter drained the ring.
             agent.stop()
         # The segment sealed at stop is still pending: sync what is left.
@@ -94,4 +106,7 @@ async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
     report.segments = [got for meta in segmenter.sealed if (got := spool.get(meta.id))]
     report.files = [spool.audio_path(meta.id) for meta, _ in report.segments]
     report.bytes_written = sum(meta.bytes for meta, _ in report.segments)
+    if agent.stt is not None:
+        report.transcripts = list(agent.stt.recent)
+        report.stt = agent.stt.statistics()
     return report
