@@ -11,7 +11,10 @@ from .audio.pcm import SampleFormat
 from .audio.sources import Block, CaptureError, FileSource, SoundDeviceSource, ToneSource
 from .clock import Clock, ManualClock, SystemClock
 from .config import AgentConfig, ConfigError, load_config
+from .recorder import AudioConfig, AudioFormat, AudioFrame, AudioRecorder, AudioSegment
 from .ring import AudioRing, EvictedError, RingReader
+from .store import HttpStore, KeyBuilder, LocalStore, Store, StoreError
+from .stt import SttStats, SttStreamer, Transcript, read_transcripts
 from .supervisor import Backoff, Supervisor
 
 try:
@@ -22,7 +25,12 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AudioConfig",
+    "AudioFormat",
+    "AudioFrame",
+    "AudioRecorder",
     "AudioRing",
+    "AudioSegment",
     "Backoff",
     "Block",
     "CaptureError",
@@ -30,13 +38,22 @@ __all__ = [
     "ConfigError",
     "EvictedError",
     "FileSource",
+    "HttpStore",
+    "KeyBuilder",
+    "LocalStore",
     "ManualClock",
     "RingReader",
     "SampleFormat",
     "SoundDeviceSource",
+    "Store",
+    "StoreError",
+    "SttStats",
+    "SttStreamer",
     "Supervisor",
     "SystemClock",
     "ToneSource",
+    "Transcript",
     "__version__",
     "load_config",
+    "read_transcripts",
 ]

@@ -21,10 +21,12 @@ from typing import Any
 import msgspec
 import trio
 
+from .api import DeviceApi
 from .audio.pcm import SampleFormat
 from .audio.sources import CaptureError, FileSource, SoundDeviceSource, Source, ToneSource
 from .clock import Clock, SystemClock
 from .config import AgentConfig, CaptureConfig, ConfigError, load_config
+from .recorder import AgentRecordings
 from .ring import AudioRing
 from .spool import Segmenter, Spool
 from .stt import SttStreamer
@@ -116,6 +118,13 @@ class Agent:
                                      clock=self.clock)
             self._tasks.append(("uploader", self.uploader.run))
             self.on_reload(self._reload_upload)
+        # Named recordings cut from the ring on demand, sealed into the spool.
+        self.recordings: AgentRecordings | None = None
+        if config.recordings.enabled and self.spool is not None:
+            self.recordings = AgentRecordings(self.ring, self.spool, config.recordings,
+                                              work_dir=self.data_dir / "recordings",
+                                              clock=self.clock)
+            self._tasks.append(("recordings", self.recordings.run))
         # Live transcription (best effort) reads the ring from its own cursor; a bad
         # [stt] section or a missing token file is a ConfigError here, at start.
         self.stt: SttStreamer | None = None
@@ -124,6 +133,12 @@ class Agent:
                                    data_dir=self.data_dir, clock=self.clock)
             self._tasks.append(("stt", self.stt.run))
             self.on_reload(self._reload_stt)
+        # The device HTTP API, last: it serves what the stages above hold. An
+        # unusable token file is a ConfigError here, at start.
+        self.api: DeviceApi | None = None
+        if config.api.enabled:
+            self.api = DeviceApi(self)
+            self._tasks.append(("api", self.api.run))
 
     def add_task(self, name: str, fn: TaskFn) -> None:
         """Register a long-lived stage; call before `run`."""
@@ -206,16 +221,21 @@ class Agent:
         return out
 
     async def run(
-        self, *, handle_signals: bool = False, task_status: TaskStatus = trio.TASK_STATUS_IGNORED
+        self, *, handle_signals: bool = False, systemd: bool = True,
+        task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until `stop()` (or a signal, when `handle_signals`)."""
+        """Run until `stop()` (or a signal, when `handle_signals`).
+
+        `systemd=False` never talks to systemd, even under NOTIFY_SOCKET: an agent
+        embedded in another program (`recorder.AudioRecorder`) is not the service.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
             if handle_signals:
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._watch_sighup)
-            notifier = Notifier.from_environment()
+            notifier = Notifier.from_environment() if systemd else None
             if notifier is not None:  # started by systemd
                 nursery.start_soon(self._notify_systemd, notifier)
             for name, fn in self._tasks:

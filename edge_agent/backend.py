@@ -40,6 +40,7 @@ from .config import DEVICE_ID_PATTERN
 from .http import serve
 from .ring import iso_utc
 from .spool import SEGMENT_ID_PATTERN
+from .store import LocalStore, store_routes
 from .supervisor import TaskStatus
 from .uploader import content_digest, parse_digest_header
 
@@ -372,7 +373,8 @@ def _raw_header_problem(request: Request) -> str | None:
 MAX_SEGMENT_BYTES = 1 << 30
 _EXTENSIONS = {"audio/ogg; codecs=opus": ".opus", "audio/ogg; codecs=flac": ".oga",
                "audio/ogg": ".ogg", "audio/opus": ".opus", "audio/flac": ".flac",
-               "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav"}
+               "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav",
+               "audio/mpeg": ".mp3"}
 
 
 def _extension(content_type: str) -> str:
@@ -750,7 +752,9 @@ def build_app(backend: Backend) -> Starlette:
     async def health(request: Request) -> Response:
         return Response("ok\n")
 
-    routes = [Route("/healthz", health), *stt_routes(backend), *segment_routes(backend)]
+    routes = [Route("/healthz", health), *stt_routes(backend), *segment_routes(backend),
+              # Recordings uploaded by recorder.AudioRecorder through store.HttpStore.
+              *store_routes(LocalStore(backend.data_dir / "objects"), prefix="/v1/objects")]
     return Starlette(routes=routes)
 
 

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to put the files (default: a new temporary directory)")
     demo.add_argument("--fast", action="store_true",
                       help="feed the sample as fast as possible instead of in real time")
+    demo.add_argument("--serve", type=float, metavar="SECONDS",
+                      help="keep the agent running with its HTTP API on loopback and print "
+                      "curl commands to try it; stop after SECONDS (0: on Ctrl-C)")
 
     sub.add_parser("devices", help="list audio input devices")
 
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "backend":
             return _backend(args.listen, args.data_dir)
         if args.command == "demo":
-            return _demo(args.data_dir, fast=args.fast)
+            return _demo(args.data_dir, fast=args.fast, serve=args.serve)
     except cfgmod.ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
@@ -225,15 +228,27 @@ def _backend(listen: str, data_dir: Path) -> int:
     return 0
 
 
-def _demo(data_dir: Path | None, *, fast: bool) -> int:
+def _demo(data_dir: Path | None, *, fast: bool, serve: float | None = None) -> int:
     from .demo import run_demo
+
+    if serve is not None and not serve >= 0:
+        raise _Fail(f"--serve {serve:g}: expected a number of seconds, 0 or more")
+    until = None if serve is None else (serve or float("inf"))
+
+    def show_commands(commands: list[str]) -> None:
+        wait = "Ctrl-C stops it" if until == float("inf") else f"it stops in {until:g} s"
+        print(f"the device API is serving; try it ({wait}):")
+        for command in commands:
+            print(f"  {command}")
+        sys.stdout.flush()
 
     if data_dir is None:
         data_dir = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     print(f"edge-agent demo: data dir {data_dir}")
     print("playing the bundled speech sample through the agent"
           + (" as fast as possible" if fast else " in real time") + " ...")
-    report = trio.run(lambda: run_demo(data_dir, realtime=not fast))
+    report = trio.run(lambda: run_demo(data_dir, realtime=not fast, serve=until,
+                                       on_api=show_commands))
     print(f"captured {report.seconds_captured:.2f} s in {report.blocks} blocks, "
           f"{report.input_overflows} input overflows")
     for (meta, state), f in zip(report.segments, report.files, strict=True):

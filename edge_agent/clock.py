@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +51,13 @@ _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Loaded once: find_library runs `ldconfig -p` in a child process (~1 ms of CPU
+    # and a fork per call), and the capture asks for the sync flag every second.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def ntp_synchronized() -> bool:
     """True when the kernel says the clock is disciplined (adjtimex, read-only).
 
@@ -57,7 +65,7 @@ def ntp_synchronized() -> bool:
     on a Pi without RTC until its first NTP sync.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         tx = _Timex()
         tx.modes = 0
         state = libc.adjtimex(ctypes.byref(tx))

@@ -28,6 +28,7 @@ __all__ = [
     "CaptureConfig",
     "ConfigError",
     "DeviceConfig",
+    "RecordingsConfig",
     "RingConfig",
     "SegmentsConfig",
     "SttConfig",
@@ -154,9 +155,39 @@ class ApiConfig(_Section):
     """The device HTTP API."""
 
     enabled: bool = False
+    # HOST:PORT; beyond loopback only with a token_file.
     listen: str = "127.0.0.1:8640"
+    # One bearer token on one line. Empty (loopback only): a random token is
+    # created in <data_dir>/api-token, mode 0600, on first start.
     token_file: str = ""
+    # Longest time range one /v1/audio request may ask for.
     max_range_seconds: PositiveSeconds = 3600.0
+    # /v1/audio requests converted at once; more wait in a queue of at most
+    # max_audio_queue for up to audio_queue_seconds, then get 503 + Retry-After.
+    max_audio_encodes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    max_audio_queue: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 16
+    audio_queue_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
+    # Segment downloads served at once; more get 503 + Retry-After.
+    max_downloads: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    # Listeners of /v1/live at once, and the longest one listens.
+    max_live_listeners: Annotated[int, msgspec.Meta(ge=0, le=64)] = 4
+    live_max_seconds: PositiveSeconds = 3600.0
+    # A request must start its response within this time, and a client that
+    # takes no data for this long is dropped.
+    request_timeout_seconds: PositiveSeconds = 30.0
+
+
+class RecordingsConfig(_Section):
+    """Named recordings the backend brackets from the capture (POST /v1/recordings),
+    sealed into the spool and uploaded like segments (needs segments.enabled)."""
+
+    enabled: bool = True
+    format: Literal["opus", "flac", "wav", "mp3", "pcm"] = "opus"
+    # Opus bit/s; MP3 uses it too (rounded to kbit/s).
+    bitrate: Annotated[int, msgspec.Meta(ge=8000, le=256000)] = 32000
+    max_active: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # A recording that reaches this length stops and is sealed by itself.
+    max_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 14400.0
 
 
 class AgentConfig(_Section):
@@ -169,6 +200,7 @@ class AgentConfig(_Section):
     segments: SegmentsConfig = msgspec.field(default_factory=SegmentsConfig)
     upload: UploadConfig = msgspec.field(default_factory=UploadConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    recordings: RecordingsConfig = msgspec.field(default_factory=RecordingsConfig)
 
 
 class ConfigError(Exception):
@@ -307,6 +339,10 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
     if cfg.upload.enabled and not cfg.segments.enabled:
         problems.append("upload.enabled: expected segments.enabled = true "
                         "(the uploader sends the spooled segments)")
+    if cfg.api.enabled:
+        from .api import check_api_config  # the API owns its listen/token rules
+
+        problems.extend(check_api_config(cfg.api))
     return problems
 
 

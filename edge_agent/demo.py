@@ -8,7 +8,10 @@ real agent.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,12 +19,14 @@ from pathlib import Path
 import trio
 
 from .agent import Agent
+from .api import TOKEN_FILE_NAME
 from .backend import Backend, StoredSegment, list_stored_segments, run_backend
 from .config import AgentConfig, validate
+from .ring import iso_utc
 from .spool import SegmentMeta, SegmentState
 from .stt import SttStats, Transcript
 
-__all__ = ["DemoReport", "demo_config", "run_demo", "sample_path"]
+__all__ = ["DemoReport", "curl_commands", "demo_config", "run_demo", "sample_path"]
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,13 @@ def sample_path() -> Path:
 
 
 def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "",
-                stt_url: str = "") -> AgentConfig:
+                stt_url: str = "", api: bool = False) -> AgentConfig:
     return validate({
         "device": {"id": "demo-0001", "data_dir": str(data_dir)},
         "capture": {
             "source": "file", "file": str(sample_path()), "realtime": realtime,
             "rate": 48000, "channels": 1, "format": "int16", "block_ms": 20,
+            "loop": api and realtime,
         },
         "ring": {"seconds": 60},
         # Short segments so the 10.6 s sample makes a few (the first one is partial).
@@ -48,7 +54,24 @@ def demo_config(data_dir: Path, *, realtime: bool = True, upload_url: str = "",
                    "backoff_initial_seconds": 0.2, "backoff_max_seconds": 2.0},
         # Live transcription: speech chunks (cut at pauses) to the same backend.
         "stt": {"enabled": bool(stt_url), "protocol": "raw", "url": stt_url, "chunking": "vad"},
+        # The device API on loopback (any free port) with a generated token; while it
+        # serves, the sample plays in a loop so there is always live audio.
+        "api": {"enabled": api, "listen": "127.0.0.1:0"},
     })
+
+
+def curl_commands(url: str, token: str, first_utc: float) -> list[str]:
+    """Commands to try the device API of a running demo (`first_utc`: capture start)."""
+    auth = f"-H 'Authorization: Bearer {token}'"
+    audio = f"start={iso_utc(first_utc)}&end={iso_utc(first_utc + 5)}&format=wav"
+    return [
+        f"curl -s {url}/healthz",
+        f"curl -s {auth} {url}/v1/status",
+        f"curl -s {auth} '{url}/v1/segments?limit=3'",
+        f"curl -s {auth} '{url}/v1/audio?{audio}' -o first-5s.wav",
+        f"curl -s {auth} {url}/metrics",
+        f"curl -s {auth} '{url}/v1/live?seconds=3' -o live.opus",
+    ]
 
 
 @dataclass
@@ -70,8 +93,18 @@ class DemoReport:
     stt: SttStats | None = None
 
 
-async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
-    """Run the agent on the bundled sample until it has been fully processed."""
+ApiCallback = Callable[[list[str]], Awaitable[None] | None]
+
+
+async def run_demo(data_dir: Path, *, realtime: bool = True, serve: float | None = None,
+                   on_api: ApiCallback | None = None) -> DemoReport:
+    """Run the agent on the bundled sample until it has been fully processed.
+
+    With `serve`, the agent keeps running with its HTTP API on loopback: once the
+    first 5 s are captured, `on_api` gets curl commands that work against it, and
+    the agent stops `serve` seconds after `on_api` returned (`math.inf`: on
+    SIGINT/SIGTERM).
+    """
     report = DemoReport(data_dir)
     backend = Backend(data_dir / "backend")
     async with trio.open_nursery() as services:
@@ -79,14 +112,17 @@ async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
         report.backend_dir = backend.data_dir
         config = demo_config(data_dir, realtime=realtime, upload_url=(
             report.backend_url + "/v1/devices/{device}/segments/{segment}"),
-            stt_url=report.backend_url + "/v1/stt/raw")
+            stt_url=report.backend_url + "/v1/stt/raw", api=serve is not None)
         agent = Agent(config)
         async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
-            await agent.capture_finished.wait()
-            if agent.stt is not None:  # the last chunk is cut, sent and answered
-                with trio.move_on_after(30):
-                    await agent.stt.wait_idle()
+            if serve is not None:
+                await _serve(nursery, agent, serve, on_api)
+            else:
+                await nursery.start(agent.run)
+                await agent.capture_finished.wait()
+                if agent.stt is not None:  # the last chunk is cut, sent and answered
+                    with trio.move_on_after(30):
+                        await agent.stt.wait_idle()
             # Stopping seals the open segment after the segmenter drained the ring.
             agent.stop()
         # The segment sealed at stop is still pending: sync what is left.
@@ -110,3 +146,30 @@ async def run_demo(data_dir: Path, *, realtime: bool = True) -> DemoReport:
         report.transcripts = list(agent.stt.recent)
         report.stt = agent.stt.statistics()
     return report
+
+
+async def _serve(nursery: trio.Nursery, agent: Agent, seconds: float,
+                 on_api: ApiCallback | None) -> None:
+    """Run `agent` with its API until `seconds` after `on_api` (or a signal)."""
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await agent.run(handle_signals=math.isinf(seconds), task_status=task_status)
+        finally:
+            stopped.set()
+
+    await nursery.start(run)
+    api, ring = agent.api, agent.ring
+    assert api is not None and api.url is not None
+    # The printed audio command asks for the first 5 s: they must be captured.
+    with trio.move_on_after(30):
+        await ring.wait_for(5 * ring.rate + 1)
+    token = (agent.data_dir / TOKEN_FILE_NAME).read_text(encoding="utf-8").strip()
+    commands = curl_commands(api.url, token, ring.index_to_utc(0))
+    if on_api is not None:
+        result = on_api(commands)
+        if inspect.isawaitable(result):
+            await result
+    with trio.move_on_after(seconds):
+        await stopped.wait()

@@ -125,6 +125,9 @@ _FORMATS: Final = {
     "opus": ("audio.opus", "audio/ogg; codecs=opus"),
     "flac": ("audio.oga", "audio/ogg; codecs=flac"),
     "wav": ("audio.wav", "audio/wav"),
+    # Only recordings cut by recorder.AgentRecordings (published with publish_file).
+    "mp3": ("audio.mp3", "audio/mpeg"),
+    "pcm": ("audio.pcm", "application/octet-stream"),
 }
 _OPEN_JSON: Final = "open.json"
 _META_JSON: Final = "meta.json"
@@ -204,6 +207,8 @@ class SegmentMeta(msgspec.Struct, frozen=True, kw_only=True):
     sealed_at: str = ""
     bitrate: int | None = None
     sample_format: str = "int16"
+    # The storage key of a named recording (POST /v1/recordings); "" for segments.
+    recording: str = ""
     version: int = _META_VERSION
 
     @property
@@ -229,6 +234,7 @@ class SegmentHeader(msgspec.Struct, frozen=True, kw_only=True):
     bitrate: int | None = None
     gaps: list[GapNote] = []
     clock_steps: list[ClockStepNote] = []
+    recording: str = ""
     version: int = _META_VERSION
 
 
@@ -992,7 +998,7 @@ class Spool:
             content_type=content_type, bytes=size, sha256=digest, clock_synced=h.clock_synced,
             gaps=gaps, clock_steps=clock_steps, recovered=recovered, created_at=h.created_at,
             sealed_at=iso_utc(self.clock.utc()), bitrate=h.bitrate,
-            sample_format=h.sample_format,
+            sample_format=h.sample_format, recording=h.recording,
         )
         self._write_file(src / _META_JSON, _encode_json(meta))
         fs.unlink(src / _OPEN_JSON)
@@ -1013,6 +1019,48 @@ class Spool:
                  meta.seconds, size, recovered)
         self._wake()
         return meta
+
+    def publish_file(self, audio: Path, *, fmt: str, start_ts: float, mono_start: float,
+                     mono_end: float, frames: int, rate: int, channels: int,
+                     sample_format: SampleFormat | str, clock_synced: bool,
+                     segment_id: str | None = None, recording: str = "",
+                     bitrate: int | None = None, gaps: Sequence[GapNote] = ()) -> SegmentMeta:
+        """Seal an audio file encoded outside the segmenter (a recording cut from the
+        ring), moving it in: ``tmp/<id>/`` gets the file (fsynced), then it is sealed
+        like any segment and queued for upload. ``audio`` must be on the spool's file
+        system. A crash before the seal leaves ``tmp/<id>/`` without ``open.json``,
+        which recovery quarantines (the audio is kept, never uploaded half-known).
+
+        Raises:
+            SpoolError: Unknown format or no audio.
+            OSError: A disk operation failed (the file stays where it was if the move
+                did not happen).
+        """
+        if fmt not in _FORMATS:
+            raise SpoolError(f"unknown format {fmt!r}; expected one of {sorted(_FORMATS)}")
+        if frames <= 0:
+            raise SpoolError(f"recording {audio.name} holds no audio")
+        seg_id = segment_id or new_segment_id(start_ts)
+        _check_id(seg_id)
+        header = SegmentHeader(
+            id=seg_id, device=self.device_id, start_ts=start_ts, mono_start=mono_start,
+            rate=rate, channels=channels, format=fmt, content_type=_FORMATS[fmt][1],
+            sample_format=SampleFormat(sample_format).value, clock_synced=clock_synced,
+            created_at=iso_utc(self.clock.utc()), bitrate=bitrate, recording=recording,
+        )
+        fs = self.fs
+        src = self.root / _TMP / seg_id
+        fs.makedirs(src)
+        fd = fs.open_rw(audio)
+        try:
+            fs.fsync(fd, str(audio))
+        finally:
+            fs.close(fd, str(audio))
+        fs.rename(audio, src / _FORMATS[fmt][0])
+        fs.fsync_dir(src)
+        fs.fsync_dir(src.parent)
+        return self._publish(src, header, frames=frames, mono_end=mono_end, gaps=list(gaps),
+                             clock_steps=[], recovered=False)
 
     def abort(self, seg: SegmentWriter) -> None:
         """Drop a segment that could not be written or sealed (best effort, never raises
@@ -1466,7 +1514,7 @@ class Spool:
 
 def _dir_audio_bytes(path: Path) -> int:
     total = 0
-    for name in ("audio.opus", "audio.oga", "audio.wav"):
+    for name, _ in _FORMATS.values():
         with contextlib.suppress(OSError):
             total += (path / name).stat().st_size
     return total

@@ -39,7 +39,7 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -56,6 +56,7 @@ from .audio.pcm import SampleFormat, from_float32, mix_down
 from .audio.resample import StreamResampler
 from .clock import Clock
 from .config import ConfigError, SttConfig
+from .metrics import Histogram
 from .ring import AudioRing, RingReader, iso_utc
 from .supervisor import Backoff, TaskStatus
 from .uploader import parse_retry_after
@@ -671,6 +672,8 @@ class SttStats:
     backlog_peak_seconds: float = 0.0
     backlog_peak_bytes: int = 0
     last_latency_seconds: float | None = None
+    # Round trips of successful requests, for the metrics histogram.
+    latency: Histogram = field(default_factory=Histogram)
     last_error: str | None = None
     last_success_at: float | None = None
 
@@ -799,6 +802,10 @@ class SttStreamer:
 
     async def run(self, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Stream until cancelled; ready once the HTTP client is open."""
+        if self._stream_open:
+            # Restarted after a failure mid-stream: the half-cut chunk is not trusted.
+            log.warning("stt restarted mid-stream; the pending chunk is dropped")
+            self._reset_stream()
         while True:
             with trio.CancelScope() as self._run_scope:
                 await self._run_once(task_status)
@@ -1003,6 +1010,7 @@ class SttStreamer:
         stats.bytes_sent += len(chunk.ogg)
         stats.consecutive_failures = 0
         stats.last_latency_seconds = latency
+        stats.latency.observe(latency)
         stats.last_success_at = trio.current_time()
         text = text.strip()
         log.info("stt transcript seq=%d start=%s seconds=%.2f latency=%.3f text=%r", chunk.seq,

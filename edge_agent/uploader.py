@@ -57,6 +57,7 @@ __all__ = [
     "Verdict",
     "check_url_template",
     "content_digest",
+    "idempotent_put_headers",
     "judge_response",
     "parse_digest_header",
     "parse_retry_after",
@@ -184,6 +185,20 @@ class Decision:
     verdict: Verdict
     reason: str = ""
     retry_after: float | None = None
+
+
+def idempotent_put_headers(content_type: str, size: int, sha256_hex: str,
+                           extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers of an idempotent `PUT` of a body of `size` bytes with digest `sha256_hex`:
+    the digest travels with it and `If-None-Match: *` asks the server not to overwrite.
+    Shared with `store.HttpStore`, so segments and recordings use one protocol."""
+    return {
+        "Content-Type": content_type,
+        "Content-Length": str(size),
+        "Content-Digest": content_digest(sha256_hex),
+        "If-None-Match": "*",
+        **(extra or {}),
+    }
 
 
 def judge_response(
@@ -445,15 +460,11 @@ class Uploader:
             raise _Gone(meta.id) from None
         try:
             size = os.fstat(f.fileno()).st_size
-            headers = {
-                "Content-Type": meta.content_type,
-                "Content-Length": str(size),
-                "Content-Digest": content_digest(meta.sha256),
-                "If-None-Match": "*",
+            headers = idempotent_put_headers(meta.content_type, size, meta.sha256, {
                 "Edge-Device-Id": self.device,
                 "Edge-Segment-Start": meta.start_utc,
                 "Edge-Segment-End": meta.end_utc,
-            }
+            })
             self.stats.attempts += 1
             # The bandwidth cap stretches an upload on purpose: allow for it.
             rate = self.config.max_bytes_per_second

@@ -433,3 +433,48 @@ def test_transcripts_rotate_by_utc_day_are_pruned_and_read_by_time(tmp_path: Pat
     # The next day the day before t0 is pruned: 2 days are kept, the new one included.
     log.append(transcript(4, t0 + day))
     assert [t.seq for t in read_transcripts(tmp_path)] == [1, 2, 4]
+
+
+async def test_a_capture_gap_ends_the_chunk_so_none_spans_a_hole_in_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    s = streamer(tmp_path, stt_cfg(), lambda r: ok())
+    write_seconds(s, 1.5)
+    write_seconds(s, 1.5, at=3.5)  # the mic was gone for 2 s
+    assert len(s.ring.gaps(0, s.ring.head)) == 1
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        with trio.fail_after(60):
+            await s.wait_idle()
+        nursery.cancel_scope.cancel()
+    spans = [(t.start_utc, t.duration) for t in s.recent]
+    t0 = 1_800_000_000.0
+    assert spans == [(iso_utc(t0), 1.0), (iso_utc(t0 + 1.0), 0.5),
+                     (iso_utc(t0 + 3.5), 1.0), (iso_utc(t0 + 4.5), 0.5)]
+
+
+async def test_reconfigure_switches_endpoint_and_keeps_the_cursor(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return ok()
+
+    s = streamer(tmp_path, stt_cfg(url="http://old.test/raw"), handler)
+    write_seconds(s, 1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        with trio.fail_after(60):
+            await s.wait_idle()
+        with pytest.raises(ConfigError, match=r"stt\.token_file"):
+            s.reconfigure(stt_cfg(url="http://new.test/raw", token_file=str(tmp_path / "x")))
+        s.reconfigure(stt_cfg(url="http://new.test/raw"))
+        write_seconds(s, 1.0, at=1.0)
+        await trio.sleep(0.1)
+        with trio.fail_after(60):
+            await s.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert hosts == ["old.test", "new.test"]
+    assert [t.seq for t in s.recent] == [0, 1] and s.statistics().overruns == 0

@@ -48,10 +48,11 @@ def word_accuracy(reference: list[str], hypothesis: list[str]) -> float:
 
 
 def test_word_accuracy_counts_edits() -> None:
-    ref = "the quick brown fox".split()
+    ref = ["the", "quick", "brown", "fox"]
     assert word_accuracy(ref, ref) == 1.0
-    assert word_accuracy(ref, "the quick fox".split()) == 0.75  # a deletion
-    assert word_accuracy(ref, "a quick brown box jumps".split()) == 0.25  # 2 subs + 1 insertion
+    assert word_accuracy(ref, ["the", "quick", "fox"]) == 0.75  # a deletion
+    # Two substitutions and an insertion.
+    assert word_accuracy(ref, ["a", "quick", "brown", "box", "jumps"]) == 0.25
 
 
 async def test_words_through_24k_opus_are_as_good_as_the_original_pcm(tmp_path: Path) -> None:
@@ -99,12 +100,14 @@ async def test_words_through_24k_opus_are_as_good_as_the_original_pcm(tmp_path: 
     print(f"PCM, whole:    {acc_pcm:.1%}  {pcm_text}")
     print(f"PCM, same cuts:{acc_cuts:.1%}  {' | '.join(cut_texts)}")
     print(f"Opus 24k path: {acc_opus:.1%}  {' | '.join(t.text for t in transcripts)}")
-    print(f"margin allowed: {MARGIN:.0%}; chunks: "
-          f"{[(r.headers['x-chunk-start'], r.headers['x-chunk-duration']) for r in backend.stt.records]}")
+    spans = [(r.headers["x-chunk-start"], r.headers["x-chunk-duration"])
+             for r in backend.stt.records]
+    print(f"margin allowed: {MARGIN:.0%}; chunks (start, seconds): {spans}")
 
     # VAD: the two sentences, nothing for the silence around and between them.
     assert len(backend.stt.records) == 2 and len(transcripts) == 2
     assert agent.stt.statistics().seconds_skipped > 1.5
     assert acc_pcm >= 0.7  # the recogniser works on this sample at all
     assert acc_opus >= acc_pcm - MARGIN
-    assert [t.seq for t in transcripts] == [0, 1] and transcripts[0].end_utc < transcripts[1].start_utc
+    assert [t.seq for t in transcripts] == [0, 1]
+    assert transcripts[0].end_utc < transcripts[1].start_utc

@@ -1,0 +1,122 @@
+"""The benchmark script runs end to end in its tiny mode and writes what a later
+run is compared against: every documented key of results.json, sane numbers, and
+the Markdown report. Timing figures are printed by the script, never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.bench import RESULT_KEYS, SCHEMA_VERSION, main
+
+needs_tools = pytest.mark.skipif(
+    shutil.which("opusenc") is None or shutil.which("sox") is None,
+    reason="opus-tools and sox are the comparison point (scripts/bootstrap --dev installs them)",
+)
+
+
+def _numbers(node: Any) -> list[float]:
+    if isinstance(node, bool):
+        return []
+    if isinstance(node, int | float):
+        return [float(node)]
+    if isinstance(node, dict):
+        return [x for v in node.values() for x in _numbers(v)]
+    if isinstance(node, list):
+        return [x for v in node for x in _numbers(v)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent.bench", "--tiny", "--profile",
+         "--results", str(out / "results.json"), "--report", str(out / "docs" / "benchmarks.md")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    return results, out, proc.stdout
+
+
+@pytest.mark.slow
+@needs_tools
+def test_tiny_run_writes_every_documented_key(tiny_run: tuple[dict[str, Any], Path, str]) -> None:
+    results, _, _ = tiny_run
+    assert results["meta"]["schema"] == SCHEMA_VERSION
+    assert results["meta"]["mode"] == "tiny"
+    for section, keys in RESULT_KEYS.items():
+        missing = [k for k in keys if k not in results[section]]
+        assert not missing, f"{section}: {missing}"
+    assert set(results["resample"]["converters"]) == {"sinc_best", "sinc_medium",
+                                                       "sinc_fastest", "linear"}
+    assert set(results["pi"]["boards"]) == {"pi4", "pi_zero_2w"}
+
+
+@pytest.mark.slow
+@needs_tools
+def test_tiny_run_numbers_are_sane(tiny_run: tuple[dict[str, Any], Path, str]) -> None:
+    results, _, _ = tiny_run
+    assert all(math.isfinite(x) for x in _numbers(results))
+    cpu, mem, ring = results["cpu"], results["memory"], results["ring"]
+    # The agent really did both encodes of all the audio, with nothing skipped.
+    assert cpu["agent_cpu_s_per_audio_hour"] > 0 and cpu["opusenc_cpu_s_per_audio_hour"] > 0
+    assert cpu["ratio_agent_to_opusenc"] > 0
+    assert cpu["stt_chunks_sent"] >= 3 and cpu["stt_dropped"] == 0
+    assert cpu["segments_synced"] >= 1 and cpu["lost_frames"] == 0
+    assert mem["peak_rss_mb"] > mem["ring_bytes"] / 2**20 > 0
+    for key in ("read_chunk_ratio", "cut_10s_ratio", "naive_ratio_10x"):
+        assert ring[key] > 0
+    # Quality is not timing: the default converter clears the bar, linear does not.
+    conv = results["resample"]["converters"]
+    assert results["resample"]["target_met"]
+    assert conv["linear"]["alias_rejection_db"] < 20 < conv["sinc_fastest"]["alias_rejection_db"]
+    lat = results["latency"]
+    assert lat["fixed"]["chunks"] >= 1 and lat["fixed"]["to_request_s"]["n"] > 0
+    q = lat["fixed"]["to_request_s"]
+    assert 0 < q["p50"] <= q["p95"] <= q["max"]
+    drain = results["drain"]
+    assert drain["all_synced"] and drain["segments_per_second"] > 0
+    assert drain["ring_overruns"] == 0 and drain["lost_frames"] == 0
+    board = results["pi"]["boards"]["pi_zero_2w"]
+    assert board["agent_cpu_s_per_audio_hour"] > cpu["agent_cpu_s_per_audio_hour"]
+    assert results["series"]["profile"], "--profile lists where the Trio thread's time goes"
+
+
+@pytest.mark.slow
+@needs_tools
+def test_tiny_run_writes_report_and_table(tiny_run: tuple[dict[str, Any], Path, str]) -> None:
+    results, out, stdout = tiny_run
+    report = (out / "docs" / "benchmarks.md").read_text()
+    ratio = f"{results['cpu']['ratio_agent_to_opusenc']:.2f}"
+    assert f"**{ratio}**" in report
+    for heading in ("## 1. CPU", "## 2. Memory", "## 3. Constant cost", "## 4. Resampling",
+                    "## 5. Latency", "## 6. Backlog drain", "## 7. Raspberry Pi",
+                    "## `bench/results.json`"):
+        assert heading in report
+    assert "`cpu.ratio_agent_to_opusenc`" in report  # the keys are documented
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots skipped: matplotlib is not installed" in report
+    else:
+        for name in ("memory", "cpu", "latency", "resample", "drain"):
+            assert (out / "docs" / f"bench-{name}.png").stat().st_size > 1000
+            assert f"(bench-{name}.png)" in report
+    assert "CPU: agent / opusenc" in stdout and ratio in stdout
+
+
+def test_bad_arguments_get_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--only", "cpu,speed"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: unknown measurement(s) speed; expected some of cpu, ring" in err
+    assert main(["--hours", "0"]) == 2
+    assert "--hours: expected a number of hours in (0, 48], got 0" in capsys.readouterr().err
