@@ -39,7 +39,6 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hmac
 import importlib.metadata
@@ -51,7 +50,6 @@ import os
 import re
 import secrets
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -74,16 +72,24 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from .audio.flac import FlacError, OggFlacEncoder, decode_ogg_flac
 from .audio.opus import DECODE_RATE, OggOpusEncoder, OpusError, decode_ogg_opus
-from .audio.pcm import SampleFormat, from_float32, levels, mix_down, read_wav, to_bytes_le
+from .audio.pcm import (
+    SampleFormat,
+    from_float32,
+    levels,
+    mix_down,
+    read_wav,
+    to_bytes_le,
+    wav_header,
+)
 from .audio.resample import StreamResampler
 from .config import ApiConfig, ConfigError
 from .http import serve
 from .metrics import component_health, disk_free_bytes, make_registry, overall_status
 from .recorder import recording_routes
 from .ring import AudioRing, EvictedError, iso_utc
-from .spool import SEGMENT_ID_PATTERN, SegmentMeta, SegmentState, Spool
-from .spool import _OggFlacEncoder as OggFlacEncoder
+from .spool import SegmentMeta, SegmentState, Spool, is_segment_id
 from .stt import read_transcripts
 from .supervisor import TaskStatus
 
@@ -121,7 +127,6 @@ AUDIO_FORMATS: Final = {
     "pcm": "application/octet-stream",
 }
 _EXTENSIONS: Final = {"opus": "opus", "wav": "wav", "flac": "oga", "pcm": "raw"}
-_SEGMENT_ID_RE: Final = re.compile(SEGMENT_ID_PATTERN)
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 TOKEN_FILE_NAME: Final = "api-token"
 _AUTH_REALM: Final = 'Bearer realm="edge-agent"'
@@ -334,7 +339,7 @@ def _choice(params: dict[str, str], name: str, default: str, choices: Iterable[s
 
 def _segment_id(request: Request) -> str:
     seg_id = str(request.path_params.get("segment_id", ""))
-    if not _SEGMENT_ID_RE.fullmatch(seg_id):
+    if not is_segment_id(seg_id):
         raise ApiError(400, f"id: expected a segment id such as 20261124T053000.000Z-3f9a1c2b, "
                             f"got {_show(seg_id)}", "id")
     return seg_id
@@ -436,74 +441,6 @@ class SegmentUnreadable(Exception):
     """A spooled segment's audio cannot be decoded."""
 
 
-def _decode_ogg_flac(data: bytes, sample_format: str) -> NDArray[np.int32] | NDArray[np.int16]:
-    """Decode an Ogg FLAC file (as the spool writes it) to int16 or left-justified int32."""
-    from pyogg import flac as F  # only FLAC segments need libFLAC
-
-    if not F.PYOGG_FLAC_AVAIL:
-        raise SegmentUnreadable("libFLAC is not available (install the libflac12 package)")
-    lib = F.libflac
-    blocks: list[NDArray[np.int32]] = []
-    errors: list[int] = []
-    source = ctypes.create_string_buffer(data, len(data))
-    base = ctypes.addressof(source)
-    pos = 0
-    bits = 0
-
-    def on_read(_dec: Any, buffer: Any, nbytes: Any, _client: Any) -> int:
-        nonlocal pos
-        n = min(int(nbytes[0]), len(data) - pos)
-        if n <= 0:
-            nbytes[0] = 0
-            return 1  # FLAC__STREAM_DECODER_READ_STATUS_END_OF_STREAM
-        ctypes.memmove(buffer, base + pos, n)
-        pos += n
-        nbytes[0] = n
-        return 0  # CONTINUE
-
-    def on_write(_dec: Any, frame: Any, buffer: Any, _client: Any) -> int:
-        nonlocal bits
-        header = frame.contents.header
-        n, channels = int(header.blocksize), int(header.channels)
-        bits = int(header.bits_per_sample)
-        planes = ctypes.cast(buffer, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
-        block = np.empty((n, channels), dtype=np.int32)
-        for c in range(channels):
-            block[:, c] = np.ctypeslib.as_array(planes[c], shape=(n,))
-        blocks.append(block)
-        return 0  # CONTINUE
-
-    def on_error(_dec: Any, status: int, _client: Any) -> None:
-        errors.append(int(status))
-
-    callbacks = (F.FLAC__StreamDecoderReadCallback(on_read),
-                 F.FLAC__StreamDecoderWriteCallback(on_write),
-                 F.FLAC__StreamDecoderErrorCallback(on_error))
-    dec = lib.FLAC__stream_decoder_new()
-    if not dec:
-        raise SegmentUnreadable("FLAC__stream_decoder_new failed")
-    try:
-        status = lib.FLAC__stream_decoder_init_ogg_stream(
-            dec, callbacks[0], F.FLAC__StreamDecoderSeekCallback(),
-            F.FLAC__StreamDecoderTellCallback(), F.FLAC__StreamDecoderLengthCallback(),
-            F.FLAC__StreamDecoderEofCallback(), callbacks[1],
-            F.FLAC__StreamDecoderMetadataCallback(), callbacks[2], None)
-        if status != 0:
-            raise SegmentUnreadable(f"libFLAC refused the stream (init status {status})")
-        ok = lib.FLAC__stream_decoder_process_until_end_of_stream(dec)
-        lib.FLAC__stream_decoder_finish(dec)
-    finally:
-        lib.FLAC__stream_decoder_delete(dec)
-    if not ok or errors:
-        raise SegmentUnreadable(f"Ogg FLAC decoding failed (errors {errors})")
-    if not blocks:
-        return np.zeros((0, 1), dtype=np.int16)
-    pcm = np.concatenate(blocks)
-    if bits <= 16 and sample_format == SampleFormat.INT16.value:
-        return pcm.astype(np.int16)
-    return np.left_shift(pcm, 32 - bits).astype(np.int32)
-
-
 def _fit(pcm: NDArray[Any], frames: int) -> NDArray[Any]:
     """Exactly ``frames`` frames: cut, or padded with silence."""
     if len(pcm) >= frames:
@@ -534,7 +471,7 @@ def decode_segment(data: bytes, meta: SegmentMeta) -> NDArray[Any]:
         if meta.format == "wav":
             pcm, _rate = read_wav(io.BytesIO(data))
         elif meta.format == "flac":
-            pcm = _decode_ogg_flac(data, meta.sample_format)
+            pcm = decode_ogg_flac(data, meta.sample_format)
         elif meta.format == "opus":
             decoded = decode_ogg_opus(data)
             expected = math.ceil(meta.frames * DECODE_RATE / meta.rate)
@@ -542,7 +479,7 @@ def decode_segment(data: bytes, meta: SegmentMeta) -> NDArray[Any]:
                                   meta.frames)
         else:
             raise SegmentUnreadable(f"unknown segment format {meta.format!r}")
-    except (OpusError, ValueError) as exc:
+    except (OpusError, FlacError, ValueError) as exc:
         raise SegmentUnreadable(str(exc)) from exc
     if pcm.ndim != 2 or (len(pcm) and pcm.shape[1] != meta.channels):
         raise SegmentUnreadable(f"decoded shape {pcm.shape} does not match "
@@ -766,12 +703,6 @@ def _add_gap(plan: AudioPlan, utc: float, seconds: float, fill: bool) -> None:
 # Rendering: PCM blocks in, encoded bytes out (runs in worker threads)
 
 
-def _wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
-    block = channels * 2
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1,
-                       channels, rate, rate * block, block, 16, b"data", data_bytes)
-
-
 class _Renderer:
     """Converts the planned timeline to the requested format, rate and channels.
 
@@ -804,7 +735,7 @@ class _Renderer:
 
     def start(self) -> bytes:
         if self.fmt == "wav":
-            return _wav_header(self._out_rate, self.channels, self.frames_out * self.channels * 2)
+            return wav_header(self._out_rate, self.channels, 2, self.frames_out * self.channels * 2)
         if self._flac is not None:
             return self._flac.start()
         return b""
@@ -1310,7 +1241,7 @@ class DeviceApi:
                  if state_name is not None else None)
         limit = _int_param(p, "limit", 100, 1, 1000)
         before = p.get("before")
-        if before is not None and not _SEGMENT_ID_RE.fullmatch(before):
+        if before is not None and not is_segment_id(before):
             raise ApiError(400, f"before: expected a segment id, got {_show(before)}", "before")
         if self.agent.spool is None:
             return _json({"segments": [], "next_before": None, "enabled": False})

@@ -26,7 +26,6 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -43,25 +42,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+# The spool's own encoders (Ogg FLAC through libFLAC, the WAV header it patches), so
+# recordings are written exactly as segments are.
+from .audio.flac import OggFlacEncoder
 from .audio.opus import OggOpusEncoder
-from .audio.pcm import SampleFormat, from_float32, mix_down, to_bytes_le, to_float32
+from .audio.pcm import (
+    SampleFormat,
+    from_float32,
+    mix_down,
+    to_bytes_le,
+    to_float32,
+    wav_header,
+    wav_size_patches,
+)
 from .audio.resample import StreamResampler
 from .audio.sources import CaptureError, Source, list_input_devices, resolve_device
 from .clock import Clock, SystemClock
 from .config import ConfigError, validate
 from .ring import AudioRing, RingReader, iso_utc
-
-# The spool's own encoders (Ogg FLAC through libFLAC, the WAV header it patches), so
-# recordings are written exactly as segments are.
 from .spool import (
-    SEGMENT_ID_PATTERN,
     GapNote,
     SegmentMeta,
     SegmentState,
     Spool,
-    _OggFlacEncoder,
-    _wav_header,
-    _wav_sizes,
+    is_segment_id,
     new_segment_id,
 )
 from .store import KeyBuilder, Store, check_key
@@ -298,10 +302,10 @@ class _WavEncoder(_PcmEncoder):
         self.rate, self.channels = rate, channels
 
     def start(self) -> bytes:
-        return _wav_header(self.rate, self.channels, self.layout.width, 0)
+        return wav_header(self.rate, self.channels, self.layout.width, 0)
 
     def finish(self) -> tuple[bytes, list[tuple[int, bytes]]]:
-        return b"", _wav_sizes(self.data_bytes)
+        return b"", wav_size_patches(self.data_bytes)
 
 
 class _OpusEncoder:
@@ -327,7 +331,7 @@ class _FlacEncoder:
 
     def __init__(self, rate: int, channels: int, layout: PcmLayout) -> None:
         self._format = layout.sample_format
-        self._enc = _OggFlacEncoder(rate, channels, self._format)
+        self._enc = OggFlacEncoder(rate, channels, self._format)
 
     def start(self) -> bytes:
         return self._enc.start()
@@ -1239,7 +1243,6 @@ class _Active:
     scope: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
 
 
-_SEGMENT_ID_RE: Final = re.compile(SEGMENT_ID_PATTERN)
 
 
 class AgentRecordings:
@@ -1397,7 +1400,7 @@ class AgentRecordings:
 
     def _check(self, key: str) -> None:
         check_key(key)
-        if not _SEGMENT_ID_RE.match(key.rsplit("/", 1)[-1]):
+        if not is_segment_id(key.rsplit("/", 1)[-1]):
             raise ValueError(f"recording key {key!r}: expected <prefixes>/<id>, the id like "
                              "20261124T053000.000Z-3f9a1c2b")
 

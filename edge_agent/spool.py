@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import ctypes
 import enum
 import errno
 import hashlib
@@ -89,8 +88,16 @@ import numpy as np
 import trio
 from numpy.typing import NDArray
 
+from .audio.flac import FlacError, OggFlacEncoder
 from .audio.opus import OggOpusEncoder, OpusError, decode_ogg_opus, last_complete_page_end
-from .audio.pcm import SampleFormat, from_float32, to_float32
+from .audio.pcm import (
+    WAV_HEADER_BYTES,
+    SampleFormat,
+    from_float32,
+    to_float32,
+    wav_header,
+    wav_size_patches,
+)
 from .clock import Clock
 from .config import SegmentsConfig
 from .ring import AudioRing, RingReader, iso_utc
@@ -109,6 +116,7 @@ __all__ = [
     "SegmenterStats",
     "Spool",
     "SpoolStats",
+    "is_segment_id",
     "new_segment_id",
 ]
 
@@ -119,6 +127,12 @@ log = logging.getLogger(__name__)
 #: by start time, and the suffix keeps ids unique across clock steps and restarts.
 SEGMENT_ID_PATTERN: Final = r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$"
 _SEGMENT_ID_RE: Final = re.compile(SEGMENT_ID_PATTERN)
+
+
+def is_segment_id(text: object) -> bool:
+    """True when `text` is a whole segment id (fullmatch: "$" alone would accept a
+    trailing newline)."""
+    return isinstance(text, str) and _SEGMENT_ID_RE.fullmatch(text) is not None
 
 _FORMATS: Final = {
     # format: (audio file name, Content-Type)
@@ -147,7 +161,7 @@ def new_segment_id(start_ts: float) -> str:
 
 
 def _check_id(segment_id: str) -> None:
-    if not isinstance(segment_id, str) or not _SEGMENT_ID_RE.match(segment_id):
+    if not is_segment_id(segment_id):
         raise ValueError(
             f"bad segment id {segment_id!r}; expected e.g. 20261124T053000.000Z-3f9a1c2b"
         )
@@ -466,118 +480,11 @@ class _OpusEncoder:
         self._enc.close()
 
 
-class _OggFlacEncoder:
-    """libFLAC's stream encoder writing Ogg FLAC through a write callback."""
-
-    def __init__(self, rate: int, channels: int, sample_format: SampleFormat) -> None:
-        from pyogg import flac as F  # optional at runtime: only FLAC segments need libFLAC
-
-        if not F.PYOGG_FLAC_AVAIL:
-            raise SpoolError("libFLAC is not available (install the libflac12 system package)")
-        self._F = F
-        self._bits = 16 if sample_format is SampleFormat.INT16 else 24
-        self._format = sample_format
-        self._channels = channels
-        self._out: list[bytes] = []
-        self._enc: Any = F.libflac.FLAC__stream_encoder_new()
-        if not self._enc:
-            raise SpoolError("FLAC__stream_encoder_new failed")
-        lib = F.libflac
-        ok = (
-            lib.FLAC__stream_encoder_set_channels(self._enc, channels)
-            and lib.FLAC__stream_encoder_set_bits_per_sample(self._enc, self._bits)
-            and lib.FLAC__stream_encoder_set_sample_rate(self._enc, rate)
-            and lib.FLAC__stream_encoder_set_compression_level(self._enc, 5)
-            and lib.FLAC__stream_encoder_set_ogg_serial_number(
-                self._enc, secrets.randbits(31)
-            )
-        )
-
-        def on_write(_enc: Any, buf: Any, nbytes: int, _samples: int, _frame: int,
-                     _data: Any) -> int:
-            self._out.append(ctypes.string_at(buf, nbytes))
-            return 0  # FLAC__STREAM_ENCODER_WRITE_STATUS_OK
-
-        # Kept on self: libFLAC calls it until the encoder is deleted.
-        self._callback = F.FLAC__StreamEncoderWriteCallback(on_write)
-        status = -1
-        if ok:
-            status = lib.FLAC__stream_encoder_init_ogg_stream(
-                self._enc, F.FLAC__StreamEncoderReadCallback(), self._callback,
-                F.FLAC__StreamEncoderSeekCallback(), F.FLAC__StreamEncoderTellCallback(),
-                F.FLAC__StreamEncoderMetadataCallback(), None,
-            )
-        if status != 0:
-            self.close()
-            raise SpoolError(f"libFLAC refused {channels} ch at {rate} Hz (init status {status})")
-
-    def _take(self) -> bytes:
-        data = b"".join(self._out)
-        self._out.clear()
-        return data
-
-    def start(self) -> bytes:
-        return self._take()
-
-    def write(self, pcm: NDArray[Any]) -> bytes:
-        if self._format is SampleFormat.INT16:
-            ints = pcm.astype(np.int32)
-        elif self._format is SampleFormat.INT32:
-            ints = pcm.astype(np.int32) >> 8
-        else:
-            ints = from_float32(to_float32(pcm), SampleFormat.INT32) >> 8
-        block = np.ascontiguousarray(ints, dtype=np.int32)
-        frames = int(block.shape[0])
-        ptr = block.ctypes.data_as(ctypes.POINTER(self._F.FLAC__int32 * 0))
-        if not self._F.libflac.FLAC__stream_encoder_process_interleaved(self._enc, ptr, frames):
-            raise SpoolError(f"FLAC encoder failed: {self._state()}")
-        return self._take()
-
-    def _state(self) -> str:
-        text = self._F.libflac.FLAC__stream_encoder_get_resolved_state_string(self._enc)
-        return text.decode("utf-8", "replace") if text else "unknown state"
-
-    def flush(self) -> bytes:
-        # libFLAC emits a frame per block (4096 samples) and cannot be flushed early.
-        return self._take()
-
-    def finish(self) -> tuple[bytes, list[tuple[int, bytes]]]:
-        if not self._F.libflac.FLAC__stream_encoder_finish(self._enc):
-            raise SpoolError(f"FLAC encoder failed to finish: {self._state()}")
-        return self._take(), []
-
-    def after_sync(self, durable_bytes: int) -> list[tuple[int, bytes]]:
-        return []
-
-    def close(self) -> None:
-        enc, self._enc = self._enc, None
-        if enc:
-            self._F.libflac.FLAC__stream_encoder_delete(enc)
-
-
 def _wav_layout(sample_format: SampleFormat) -> tuple[int, np.dtype[Any]]:
     """Sample width in bytes and little-endian dtype WAV segments use."""
     if sample_format is SampleFormat.INT16:
         return 2, np.dtype("<i2")
     return 4, np.dtype("<i4")  # int32 as is; float as 32-bit integer PCM
-
-
-def _wav_header(rate: int, channels: int, width: int, data_bytes: int) -> bytes:
-    block = channels * width
-    riff = min(36 + data_bytes, 0xFFFFFFFF)
-    return struct.pack(
-        "<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, 1, channels, rate,
-        rate * block, block, width * 8, b"data", min(data_bytes, 0xFFFFFFFF),
-    )
-
-
-_WAV_HEADER_BYTES: Final = 44
-
-
-def _wav_sizes(data_bytes: int) -> list[tuple[int, bytes]]:
-    """Patches setting the RIFF and data chunk sizes of a 44-byte header."""
-    riff = min(36 + data_bytes, 0xFFFFFFFF)
-    return [(4, struct.pack("<I", riff)), (40, struct.pack("<I", min(data_bytes, 0xFFFFFFFF)))]
 
 
 class _WavEncoder:
@@ -595,7 +502,7 @@ class _WavEncoder:
         self._width, self._dtype = _wav_layout(sample_format)
 
     def start(self) -> bytes:
-        return _wav_header(self._rate, self._channels, self._width, 0)
+        return wav_header(self._rate, self._channels, self._width, 0)
 
     def write(self, pcm: NDArray[Any]) -> bytes:
         if self._format is SampleFormat.FLOAT32:
@@ -611,8 +518,8 @@ class _WavEncoder:
         return b"", []
 
     def after_sync(self, durable_bytes: int) -> list[tuple[int, bytes]]:
-        data = max(0, durable_bytes - _WAV_HEADER_BYTES)
-        return _wav_sizes(data)
+        data = max(0, durable_bytes - WAV_HEADER_BYTES)
+        return wav_size_patches(data)
 
     def close(self) -> None:
         pass
@@ -623,7 +530,7 @@ def _make_encoder(fmt: str, rate: int, channels: int, sample_format: SampleForma
     if fmt == "opus":
         return _OpusEncoder(rate, channels, bitrate, tags)
     if fmt == "flac":
-        return _OggFlacEncoder(rate, channels, sample_format)
+        return OggFlacEncoder(rate, channels, sample_format)
     if fmt == "wav":
         return _WavEncoder(rate, channels, sample_format)
     raise SpoolError(f"unknown segment format {fmt!r}; expected one of {sorted(_FORMATS)}")
@@ -672,7 +579,7 @@ def _salvage(data: memoryview, header: SegmentHeader) -> _Salvage:
         frames = round(decoded.pcm.shape[0] * header.rate / decoded.rate)
         return _Salvage(end, frames, [])
     if header.format == "wav":
-        if len(data) < _WAV_HEADER_BYTES:
+        if len(data) < WAV_HEADER_BYTES:
             return _Salvage(0, 0, [])
         tags = (bytes(data[:4]), bytes(data[8:12]), bytes(data[36:40]))
         if tags != (b"RIFF", b"WAVE", b"data"):
@@ -684,11 +591,11 @@ def _salvage(data: memoryview, header: SegmentHeader) -> _Salvage:
                                  f"open.json {header.channels} ch at {header.rate} Hz")
         block = channels * (bits // 8)
         (durable,) = struct.unpack("<I", data[40:44])  # see _WavEncoder
-        frames = min(len(data) - _WAV_HEADER_BYTES, durable) // block
+        frames = min(len(data) - WAV_HEADER_BYTES, durable) // block
         if frames == 0:
             return _Salvage(0, 0, [])
-        keep = _WAV_HEADER_BYTES + frames * block
-        return _Salvage(keep, frames, _wav_sizes(keep - _WAV_HEADER_BYTES))
+        keep = WAV_HEADER_BYTES + frames * block
+        return _Salvage(keep, frames, wav_size_patches(keep - WAV_HEADER_BYTES))
     raise _Unsalvageable(f"unknown format {header.format!r}")
 
 
@@ -1360,7 +1267,7 @@ class Spool:
             return
         reason = None
         meta = None
-        if not _SEGMENT_ID_RE.match(name):
+        if not is_segment_id(name):
             reason = "directory name is not a segment id"
         else:
             try:
@@ -1641,7 +1548,7 @@ class Segmenter:
             return
         try:
             await self._run_sync(_sync_flushed, seg.writer, trio.current_time())
-        except (OSError, SpoolError, OpusError) as exc:
+        except (OSError, SpoolError, OpusError, FlacError) as exc:
             await self._fail(exc, "syncing an idle segment", sleep=True)
 
     async def _pump(self, *, final: bool) -> None:
@@ -1652,7 +1559,7 @@ class Segmenter:
             try:
                 if not await self._step(final=final):
                     return
-            except (OSError, SpoolError, OpusError) as exc:
+            except (OSError, SpoolError, OpusError, FlacError) as exc:
                 attempts += 1
                 # At shutdown there is no later attempt: without space (or after the
                 # last try) keep what is durable in tmp/ for the next start's recovery.

@@ -106,7 +106,7 @@ def _check_part(part: str, key: str) -> None:
         raise ValueError(f"store key {key!r}: empty part (leading, trailing or double '/')")
     if len(part) > MAX_PART_CHARS:
         raise ValueError(f"store key {key!r}: part longer than {MAX_PART_CHARS} characters")
-    if not _PART_RE.match(part):
+    if not _PART_RE.fullmatch(part):
         raise ValueError(
             f"store key {key!r}: part {part!r} must be letters, digits or ._@=+,- "
             "and must not start with '.'"

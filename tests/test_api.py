@@ -34,7 +34,6 @@ from edge_agent.api import (
     GAPS_HEADER,
     RingPiece,
     SegmentPiece,
-    _decode_ogg_flac,
     _Unsafe,
     check_api_config,
     load_token,
@@ -42,6 +41,7 @@ from edge_agent.api import (
     parse_utc,
     plan_audio,
 )
+from edge_agent.audio.flac import decode_ogg_flac
 from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav
 from edge_agent.audio.resample import resample
@@ -471,7 +471,7 @@ async def test_audio_flac_is_lossless(tmp_path: Path) -> None:
         r = await s.client.get("/v1/audio", params={"start": at(24), "end": at(33),
                                                     "format": "flac"})
         assert r.headers["Content-Type"] == "audio/ogg; codecs=flac"
-        decoded = _decode_ogg_flac(r.content, "int16")
+        decoded = decode_ogg_flac(r.content, "int16")
         assert np.array_equal(decoded[:, 0], expected(24, 33))
         if shutil.which("ffmpeg"):  # a standard Ogg FLAC file, not only ours
             done = await trio.run_process(["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le",

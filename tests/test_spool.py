@@ -40,6 +40,7 @@ from edge_agent.spool import (
     SegmentMeta,
     SegmentState,
     Spool,
+    is_segment_id,
     new_segment_id,
 )
 from edge_agent.supervisor import Backoff
@@ -366,6 +367,13 @@ def test_segment_ids_sort_by_time_and_are_safe_names() -> None:
     assert len(set(ids)) == 10  # same millisecond, still unique
     later = new_segment_id(1_800_000_000.5)
     assert later > max(i[:19] for i in ids) and later.startswith("20270115T080000.500Z-")
+
+
+def test_segment_id_check_is_whole_string(tmp_path: Path) -> None:
+    good = new_segment_id(1_800_000_000.0)
+    assert is_segment_id(good)
+    for bad in (good + "\n", good + "/../x", "../" + good, good.replace("T", "t"), "", None):
+        assert not is_segment_id(bad)
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+import struct
 import wave
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -24,6 +25,7 @@ from numpy.typing import NDArray
 __all__ = [
     "CLIP_THRESHOLD",
     "DB_FLOOR",
+    "WAV_HEADER_BYTES",
     "Levels",
     "SampleFormat",
     "from_float32",
@@ -36,6 +38,8 @@ __all__ = [
     "to_float32",
     "unpack_int24",
     "wav_bytes",
+    "wav_header",
+    "wav_size_patches",
     "write_wav",
 ]
 
@@ -333,3 +337,25 @@ def read_wav(path: str | os.PathLike[str] | BinaryIO) -> tuple[NDArray[Any], int
     else:
         raise ValueError(f"{name}: not a PCM WAV file ({8 * width}-bit samples)")
     return samples, rate
+
+
+# Incremental WAV writing: the header first, sizes patched in as data becomes durable.
+
+
+def wav_header(rate: int, channels: int, width: int, data_bytes: int) -> bytes:
+    """A 44-byte PCM WAV header; sizes saturate at 4 GiB (the streaming convention)."""
+    block = channels * width
+    riff = min(36 + data_bytes, 0xFFFFFFFF)
+    return struct.pack(
+        "<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, 1, channels, rate,
+        rate * block, block, width * 8, b"data", min(data_bytes, 0xFFFFFFFF),
+    )
+
+
+WAV_HEADER_BYTES = 44
+
+
+def wav_size_patches(data_bytes: int) -> list[tuple[int, bytes]]:
+    """Patches setting the RIFF and data chunk sizes of a 44-byte header."""
+    riff = min(36 + data_bytes, 0xFFFFFFFF)
+    return [(4, struct.pack("<I", riff)), (40, struct.pack("<I", min(data_bytes, 0xFFFFFFFF)))]
