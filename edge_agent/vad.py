@@ -37,23 +37,14 @@ class Vad(Protocol):
     def is_speech(self, frame: NDArray[np.int16]) -> bool: ...
 
 
-def _check(rate: int, frame_ms: int) -> None:
-    if rate not in VAD_RATES:
-        raise ValueError(f"VAD rate must be one of {VAD_RATES} Hz, got {rate}")
-    if frame_ms not in VAD_FRAME_MS:
-        raise ValueError(f"VAD frame must be one of {VAD_FRAME_MS} ms, got {frame_ms}")
+class _Framed:
+    """What every detector shares: a checked rate and fixed-length frames."""
 
-
-class WebRtcVad:
-    """The WebRTC detector (`webrtcvad`); aggressiveness 0 (lenient) to 3 (strict)."""
-
-    def __init__(self, rate: int = 16000, *, aggressiveness: int = 2, frame_ms: int = 30) -> None:
-        _check(rate, frame_ms)
-        if aggressiveness not in (0, 1, 2, 3):
-            raise ValueError(f"VAD aggressiveness must be 0..3, got {aggressiveness}")
-        import webrtcvad  # a C extension: imported only where a detector is made
-
-        self._vad: Any = webrtcvad.Vad(aggressiveness)
+    def __init__(self, rate: int, frame_ms: int) -> None:
+        if rate not in VAD_RATES:
+            raise ValueError(f"VAD rate must be one of {VAD_RATES} Hz, got {rate}")
+        if frame_ms not in VAD_FRAME_MS:
+            raise ValueError(f"VAD frame must be one of {VAD_FRAME_MS} ms, got {frame_ms}")
         self._rate = rate
         self._frame = rate * frame_ms // 1000
 
@@ -65,14 +56,29 @@ class WebRtcVad:
     def frame_samples(self) -> int:
         return self._frame
 
-    def is_speech(self, frame: NDArray[np.int16]) -> bool:
+    def _check_frame(self, frame: NDArray[np.int16]) -> None:
         if frame.shape[0] != self._frame:
             raise ValueError(f"VAD frame must be {self._frame} samples, got {frame.shape[0]}")
+
+
+class WebRtcVad(_Framed):
+    """The WebRTC detector (`webrtcvad`); aggressiveness 0 (lenient) to 3 (strict)."""
+
+    def __init__(self, rate: int = 16000, *, aggressiveness: int = 2, frame_ms: int = 30) -> None:
+        super().__init__(rate, frame_ms)
+        if aggressiveness not in (0, 1, 2, 3):
+            raise ValueError(f"VAD aggressiveness must be 0..3, got {aggressiveness}")
+        import webrtcvad  # a C extension: imported only where a detector is made
+
+        self._vad: Any = webrtcvad.Vad(aggressiveness)
+
+    def is_speech(self, frame: NDArray[np.int16]) -> bool:
+        self._check_frame(frame)
         data = np.ascontiguousarray(frame, dtype="<i2").tobytes()
         return bool(self._vad.is_speech(data, self._rate))
 
 
-class EnergyVad:
+class EnergyVad(_Framed):
     """Speech is any frame whose RMS level is above `threshold_dbfs`.
 
     Good enough where the only sound is speech (and for tests with synthetic
@@ -81,23 +87,12 @@ class EnergyVad:
 
     def __init__(self, rate: int = 16000, *, threshold_dbfs: float = -45.0,
                  frame_ms: int = 30) -> None:
-        _check(rate, frame_ms)
-        self._rate = rate
-        self._frame = rate * frame_ms // 1000
+        super().__init__(rate, frame_ms)
         # Compare mean squares to avoid a sqrt and log per frame.
         self._threshold_ms = (32768.0 * 10 ** (threshold_dbfs / 20)) ** 2
 
-    @property
-    def rate(self) -> int:
-        return self._rate
-
-    @property
-    def frame_samples(self) -> int:
-        return self._frame
-
     def is_speech(self, frame: NDArray[np.int16]) -> bool:
-        if frame.shape[0] != self._frame:
-            raise ValueError(f"VAD frame must be {self._frame} samples, got {frame.shape[0]}")
+        self._check_frame(frame)
         mean_square = float(np.mean(np.square(frame, dtype=np.float64)))
         return math.isfinite(mean_square) and mean_square > self._threshold_ms
 
