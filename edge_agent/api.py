@@ -825,6 +825,7 @@ class _StreamResponse:
         self._complete = False
 
     def release(self) -> None:
+        """Run the producer's `release` once, however the response ends."""
         release, self._release = self._release, None
         if release is not None:
             release()
@@ -1303,14 +1304,10 @@ class DeviceApi:
             return _StreamResponse(status, headers, None, stall=1.0, what=seg_id)
         st.downloads += 1
         st.downloads_active += 1
-        closed = False
 
-        def release() -> None:
-            nonlocal closed
-            if not closed:
-                closed = True
-                os.close(fd)
-                st.downloads_active -= 1
+        def release() -> None:  # _StreamResponse runs it exactly once
+            os.close(fd)
+            st.downloads_active -= 1
 
         async def produce(sink: _Sink) -> None:
             pos, left = first, length
@@ -1427,14 +1424,10 @@ class DeviceApi:
             return _StreamResponse(200, headers, None, stall=1.0, what="audio")
         self.stats.audio_active += 1
         self.stats.audio_seconds += plan.frames / ring.rate
-        released = False
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.stats.audio_active -= 1
-                self._audio_slots.release_on_behalf_of(token)
+        def release() -> None:  # _StreamResponse runs it exactly once
+            self.stats.audio_active -= 1
+            self._audio_slots.release_on_behalf_of(token)
 
         def aborted() -> None:
             self.stats.audio_aborted += 1
@@ -1599,13 +1592,9 @@ class DeviceApi:
                                 "(api.max_live_listeners)", headers={"Retry-After": "10"})
         st.live_listeners += 1
         st.live_sessions += 1
-        left = False
 
-        def release() -> None:
-            nonlocal left
-            if not left:
-                left = True
-                st.live_listeners -= 1
+        def release() -> None:  # _StreamResponse runs it exactly once
+            st.live_listeners -= 1
 
         return _StreamResponse(200, headers, partial(self._produce_live, seconds, channels,
                                                      bitrate),
