@@ -863,7 +863,9 @@ class _StreamResponse:
         try:
             async with channel:
                 await self.producer(_Sink(channel, self.stall))
-            self._complete = True
+                # Complete before the channel closes: the consumer cancels this task as
+                # soon as it sees the end, which may be at the close's checkpoint.
+                self._complete = True
         except trio.TooSlowError:
             log.warning("api client took no data for %.0f s, dropped what=%s", self.stall,
                         self.what)

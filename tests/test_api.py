@@ -16,7 +16,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from edge_agent.api import (
     GAPS_HEADER,
     RingPiece,
     SegmentPiece,
+    _StreamResponse,
     _Unsafe,
     check_api_config,
     load_token,
@@ -565,6 +566,35 @@ async def test_excess_audio_requests_wait_briefly_then_get_503(tmp_path: Path) -
                     break
                 await trio.sleep(0.05)
         assert s.agent.api is not None and s.agent.api.stats.audio_busy >= 1
+
+
+def _appender(messages: list[dict[str, Any]]) -> Callable[[Any], Awaitable[None]]:
+    """An ASGI send that records and never yields, as a server may."""
+
+    async def send(message: Any) -> None:
+        messages.append(message)
+
+    return send
+
+
+async def test_a_streamed_body_always_ends_whatever_order_the_tasks_run_in() -> None:
+    """The producer's last step and the sender's end-of-body race: a response whose
+    producer finished must still be ended properly, or the server drops the
+    connection and the client's next request on it fails (seen under load). An
+    ASGI server whose send does not yield makes the race likely; Trio varies the
+    order of ready tasks, so a few hundred responses try both orders."""
+    async def produce(sink: Any) -> None:
+        await sink.send(b"abc")
+
+    incomplete = 0
+    for _ in range(300):
+        messages: list[dict[str, Any]] = []
+        response = _StreamResponse(200, {"Content-Length": "3"}, produce, stall=5.0, what="t")
+        await response({"type": "http", "method": "GET"}, trio.sleep_forever, _appender(messages))
+        body = b"".join(m.get("body", b"") for m in messages[1:])
+        assert body == b"abc"
+        incomplete += messages[-1].get("more_body", True)
+    assert incomplete == 0
 
 
 async def test_requests_with_a_body_or_other_methods_are_refused(tmp_path: Path) -> None:

@@ -4,13 +4,13 @@ captures in real time.
 The agent (real-time `FileSource` looping the bundled speech sample, Opus
 segments, live STT to the reference backend, the API) runs in this process; the
 clients run in a separate process (this file run as a script), as the backend
-would be, so their own work does not slow the agent's event loop. A prober in the
-client process measures `/healthz` latency throughout.
+would be, so their own work does not slow the agent's event loop; a third process
+times `/healthz` throughout, as a monitoring system would.
 
 What is asserted are counts: capture kept real-time pace, no reader overran the
 ring, the segmenter and STT lost nothing, no request failed with a 5xx other than
-the documented 503 (busy), every body arrived whole. Latencies are printed; see
-`test_load` for the one generous latency bound.
+the documented 503 (busy), every body arrived whole; and the p95 latency of
+`/healthz` stayed under 100 ms. Latencies are printed.
 
 The issue asks for a minute; CI runs 15 s. The full minute:
 
@@ -19,6 +19,7 @@ The issue asks for a minute; CI runs 15 s. The full minute:
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -51,7 +53,7 @@ def iso(t: float) -> str:
 
 async def _client_main(url: str, token: str, seconds: float, clients: int) -> dict[str, Any]:
     stats: dict[str, Any] = {"status": {}, "bytes": 0, "incomplete": 0, "errors": [],
-                             "latency": {"audio": [], "download": [], "healthz": []}}
+                             "latency": {"audio": [], "download": []}}
     segment_ids: list[str] = []
     deadline = trio.current_time() + seconds
     first = time.time()  # the agent started capturing just before
@@ -108,22 +110,37 @@ async def _client_main(url: str, token: str, seconds: float, clients: int) -> di
                     segment_ids[:] = [row["id"] for row in r.json()["segments"]]
                 await trio.sleep(1.0)
 
-        async def prober() -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as own:
-                while trio.current_time() < deadline:
-                    began = time.monotonic()
-                    r = await own.get("/healthz")
-                    stats["latency"]["healthz"].append(time.monotonic() - began)
-                    count("healthz", r.status_code)
-                    await trio.sleep(0.05)
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lister)
-            nursery.start_soon(prober)
             for n in range(clients):
                 nursery.start_soon(worker, n)
     stats["errors"] = stats["errors"][:20]
     return stats
+
+
+def _probe(url: str, seconds: float) -> dict[str, Any]:
+    """Time `/healthz` as a monitoring system would: a plain blocking client on a
+    keep-alive connection, in a process of its own so nothing else delays it."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        began = time.monotonic()
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        response.read()
+        latencies.append(time.monotonic() - began)
+        key = f"healthz {response.status}"
+        statuses[key] = statuses.get(key, 0) + 1
+        time.sleep(0.05)
+    conn.close()
+    return {"latency": latencies, "status": statuses}
+
+
+def _run_probe(argv: list[str]) -> None:
+    print(json.dumps(_probe(argv[0], float(argv[1]))))
 
 
 def _run_client(argv: list[str]) -> None:
@@ -166,9 +183,16 @@ async def test_load(tmp_path: Path) -> None:
             await nursery.start(agent.run)
             began = trio.current_time()
             assert agent.api is not None and agent.api.url is not None
-            done = await trio.run_process(
-                [sys.executable, __file__, "--client", agent.api.url, TOKEN, str(LOAD_SECONDS),
-                 str(CLIENTS)], capture_stdout=True, check=True)
+            runs: dict[str, Any] = {}
+
+            async def run(role: str, *args: str) -> None:
+                runs[role] = await trio.run_process(
+                    [sys.executable, __file__, role, *args], capture_stdout=True, check=True)
+
+            async with trio.open_nursery() as clients:
+                clients.start_soon(run, "--client", agent.api.url, TOKEN, str(LOAD_SECONDS),
+                                   str(CLIENTS))
+                clients.start_soon(run, "--probe", agent.api.url, str(LOAD_SECONDS))
             elapsed = trio.current_time() - began
             captured = agent.ring.head / agent.ring.rate
             readers = {r.name: (r.overruns, r.lag / agent.ring.rate)
@@ -182,9 +206,10 @@ async def test_load(tmp_path: Path) -> None:
             agent.stop()
         services.cancel_scope.cancel()
 
-    result = json.loads(done.stdout)
-    lat = result["latency"]
-    status: dict[str, int] = result["status"]
+    result = json.loads(runs["--client"].stdout)
+    probe = json.loads(runs["--probe"].stdout)
+    lat = {**result["latency"], "healthz": probe["latency"]}
+    status: dict[str, int] = {**result["status"], **probe["status"]}
     print(f"\nload: {CLIENTS} clients for {LOAD_SECONDS:g} s, agent ran {elapsed:.1f} s and "
           f"captured {captured:.1f} s")
     print(f"responses: {json.dumps(dict(sorted(status.items())))}")
@@ -210,25 +235,20 @@ async def test_load(tmp_path: Path) -> None:
     # The clients got audio and files, whole; the only 5xx is the documented busy 503.
     assert status.get("audio 200", 0) >= 10 and status.get("download 200", 0) > 0
     assert not [k for k in status if k.split()[1].startswith("5") and k.split()[1] != "503"]
-    assert result["incomplete"] == 0
-    # A connection closed before any response byte was seen very rarely (once in
-    # ~1000 requests, in one of several CI-like runs) under this load on 2 cores;
-    # its cause is not pinned down (see the issue note). Such a GET is safe to
-    # retry, and a body is never cut: allow that rarity, never a pattern.
-    requests = sum(status.values())
-    disconnects = [e for e in result["errors"] if "disconnected without sending" in e]
-    assert len(disconnects) <= max(1, requests // 1000), result["errors"]
-    assert len(disconnects) == len(result["errors"]), result["errors"]
+    assert result["incomplete"] == 0 and result["errors"] == []
+    assert api.stats.audio_aborted == 0
     assert status.get("healthz 200", 0) == len(lat["healthz"]) > 0
     # Every transcribed chunk's round trip is in the STT latency histogram.
     samples = {sm.name: sm.value for fam in text_string_to_metric_families(metrics)
                for sm in fam.samples if not sm.labels}
     assert samples["edge_agent_stt_latency_seconds_count"] == stt_stats.chunks_sent
     assert samples["edge_agent_stt_chunks_sent_total"] == stt_stats.chunks_sent
-    # /healthz stays responsive: the issue's 100 ms p95, with slack for a shared
-    # 2-core CI machine (printed above; the bound only catches a stalled event loop).
-    assert _percentile(lat["healthz"], 95) < 1.0
+    # /healthz stays responsive under the load (measured 10-20 ms p95 on 2 cores,
+    # also with both cores busy with other work).
+    assert _percentile(lat["healthz"], 95) < 0.1
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--client":
     _run_client(sys.argv[2:])
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--probe":
+    _run_probe(sys.argv[2:])
