@@ -867,7 +867,7 @@ class _StreamResponse:
                 # soon as it sees the end, which may be at the close's checkpoint.
                 self._complete = True
         except trio.TooSlowError:
-            log.warning("api client took no data for %.0f s, dropped what=%s", self.stall,
+            log.warning("api client took no data for %g s, dropped what=%s", self.stall,
                         self.what)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
@@ -1081,7 +1081,7 @@ class DeviceApi:
                     await error.response()(scope, receive, counted_send)
         if deadline.cancelled_caught and not started:
             st.timeouts += 1
-            log.warning("api request timed out path=%s timeout=%.0fs", scope.get("path"),
+            log.warning("api request timed out path=%s timeout=%gs", scope.get("path"),
                         timeout)
             await ApiError(503, f"the request took longer than {timeout:g} s "
                                 "(api.request_timeout_seconds)",

@@ -568,6 +568,53 @@ async def test_excess_audio_requests_wait_briefly_then_get_503(tmp_path: Path) -
         assert s.agent.api is not None and s.agent.api.stats.audio_busy >= 1
 
 
+async def test_a_slow_start_is_a_503_and_a_stalled_client_loses_its_slot(
+        tmp_path: Path) -> None:
+    """api.request_timeout_seconds bounds both ends of a request: a response that
+    has not started in time (here: queued behind a busy conversion) is a 503, and a
+    client that takes no data for that long is cut off and its slot freed, though
+    its connection stays open."""
+    async with serve_agent(tmp_path, max_audio_encodes=1, audio_queue_seconds=60,
+                           request_timeout_seconds=0.5) as s:
+        api = s.agent.api
+        assert api is not None
+        # 40 s at 48 kHz stereo: far more than the socket buffers hold.
+        big = {"start": at(0), "end": at(40), "format": "wav", "rate": "48000",
+               "channels": "2"}
+        small = {"start": at(0), "end": at(1), "format": "wav"}
+        async with s.client.stream("GET", "/v1/audio", params=big) as holder:
+            assert holder.status_code == 200
+            chunks = holder.aiter_raw()
+            stop_reading = trio.Event()
+
+            async def read_slowly() -> None:  # never stalls for 0.5 s
+                async for _chunk in chunks:
+                    if stop_reading.is_set():
+                        return
+                    await trio.sleep(0.05)
+
+            async with trio.open_nursery() as reading:
+                reading.start_soon(read_slowly)
+                began = trio.current_time()
+                late = await s.client.get("/v1/audio", params=small)
+                assert trio.current_time() - began >= 0.5
+                assert late.status_code == 503 and late.headers["Retry-After"]
+                assert "api.request_timeout_seconds" in late.json()["error"]
+                assert api.stats.timeouts == 1
+                stop_reading.set()
+            # The holder stops reading: its slot is freed for the next request.
+            with trio.fail_after(10):
+                while True:
+                    if (await s.client.get("/v1/audio", params=small)).status_code == 200:
+                        break
+                    await trio.sleep(0.05)
+            assert api.stats.audio_aborted == 1
+            # What the stalled client reads now ends short, never silently whole.
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for _chunk in chunks:
+                    pass
+
+
 def _appender(messages: list[dict[str, Any]]) -> Callable[[Any], Awaitable[None]]:
     """An ASGI send that records and never yields, as a server may."""
 
