@@ -34,7 +34,8 @@ Decisions worth knowing:
   Holes shorter than the ring's gap tolerance (jitter) are not holes.
 * **Stalled clients** never hold a scarce slot: the body is produced in its own
   task and a client that takes nothing for ``request_timeout_seconds`` is dropped,
-  releasing the slot even while the server's write to the socket is still stuck.
+  releasing the slot even while the server's write to the socket is still stuck;
+  the kernel then closes that connection (`edge_agent.http`, TCP_USER_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -1022,7 +1023,8 @@ class DeviceApi:
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(
                 serve, self, self.config.listen, h11_max_incomplete_size=16 * 1024,
-                keep_alive_timeout=self.config.request_timeout_seconds))
+                keep_alive_timeout=self.config.request_timeout_seconds,
+                write_timeout=self.config.request_timeout_seconds))
             self.url = url
             self.serving.set()
             log.info("device api serving url=%s auth=bearer", url)

@@ -172,8 +172,9 @@ class ApiConfig(_Section):
     # Listeners of /v1/live at once, and the longest one listens.
     max_live_listeners: Annotated[int, msgspec.Meta(ge=0, le=64)] = 4
     live_max_seconds: PositiveSeconds = 3600.0
-    # A request must start its response within this time, and a client that
-    # takes no data for this long is dropped.
+    # A request must start its response within this time; a client that takes
+    # no data for this long is dropped (its connection closed); an idle
+    # keep-alive connection is closed after it.
     request_timeout_seconds: PositiveSeconds = 30.0
 
 

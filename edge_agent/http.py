@@ -3,11 +3,18 @@
 Shared by the device API and the reference backend. Binding port 0 picks a free
 port; the URL actually bound is what `serve` reports as started, so tests run
 real servers on loopback without port races.
+
+Hypercorn writes to a socket without a timeout, so a client that stops reading
+would hold its connection (and the task writing to it) for good. Where the OS
+has it, TCP_USER_TIMEOUT on the listening socket (inherited by every accepted
+one) has the kernel drop a connection whose data stays unacknowledged, a full
+receive window included, for that long.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import trio
@@ -34,10 +41,22 @@ def hypercorn_config(bind: str, **options: Any) -> Config:
 
 
 async def serve(
-    app: Any, bind: str, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED, **options: Any
+    app: Any, bind: str, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+    write_timeout: float | None = None, **options: Any
 ) -> None:
-    """Serve `app` until cancelled; reports the base URL (e.g. "http://127.0.0.1:40123")."""
+    """Serve `app` until cancelled; reports the base URL (e.g. "http://127.0.0.1:40123").
+
+    `write_timeout` (seconds): drop a connection whose client takes no data for
+    that long (Linux; elsewhere it is ignored).
+    """
     cfg = hypercorn_config(bind, **options)
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if write_timeout is not None and option is not None:
+        # Bind here to set the option, then hand Hypercorn the bound sockets.
+        sockets = cfg.create_sockets().insecure_sockets
+        for sock in sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
+        cfg.bind = [f"fd://{sock.detach()}" for sock in sockets]
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
