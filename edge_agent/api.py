@@ -43,10 +43,10 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import importlib.metadata
-import io
 import ipaddress
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
@@ -138,6 +138,9 @@ _MAX_CHANNELS = 8
 _OPUS_BITRATE = 64000
 _BLOCK_SECONDS = 1.0  # audio converted per trip to a worker thread
 _FILE_CHUNK = 64 * 1024
+# Opus decoded from this many 48 kHz frames (200 ms) before the range: after a
+# seek the decoder, and then the resampler, need that long to settle.
+_OPUS_LEAD_IN = DECODE_RATE // 5
 _CAPTURE_WAIT = 2.0  # how long /v1/audio waits for capture to reach `end`
 _FUTURE_SLACK = 1.0  # an `end` this far past the device's clock is still "now"
 _MAX_GAPS_LISTED = 64  # keeps the header well under client header limits
@@ -459,25 +462,41 @@ def _resample_exact(pcm: NDArray[Any], in_rate: int, out_rate: int,
     return _fit(out, frames)
 
 
-def decode_segment(data: bytes, meta: SegmentMeta) -> NDArray[Any]:
-    """A segment's audio as ``(meta.frames, meta.channels)`` at ``meta.rate``.
+def decode_segment(fd: int, size: int, meta: SegmentMeta, first: int = 0,
+                   last: int | None = None) -> NDArray[Any]:
+    """Frames ``[first, last)`` of a segment file (open as `fd`) at ``meta.rate``,
+    as ``(frames, meta.channels)``; by default the whole segment.
 
-    WAV and FLAC keep the capture's integers exactly (int16, or int32); Opus is
-    float32, decoded at 48 kHz and brought back to the segment's rate.
+    Only that part is decoded and held: WAV is read from `first` on, FLAC is
+    decoded from a memory map up to `last`, Opus seeks. WAV and FLAC keep the
+    capture's integers exactly (int16, or int32); Opus is float32, decoded at
+    48 kHz from a little before `first` (so the decoder and the resampler have
+    settled) and brought back to the segment's rate.
 
     Raises:
         SegmentUnreadable: the file cannot be decoded.
     """
+    last = meta.frames if last is None else last
+    frames = last - first
     try:
         if meta.format == "wav":
-            pcm, _rate = read_wav(io.BytesIO(data))
+            with open(fd, "rb", closefd=False) as f:
+                f.seek(0)
+                pcm, _rate = read_wav(f, start=first, frames=frames)
         elif meta.format == "flac":
-            pcm = decode_ogg_flac(data, meta.sample_format)
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                pcm = decode_ogg_flac(mapped, meta.sample_format, first=first, last=last)
         elif meta.format == "opus":
-            decoded = decode_ogg_opus(data)
-            expected = math.ceil(meta.frames * DECODE_RATE / meta.rate)
-            pcm = _resample_exact(_fit(decoded.pcm, expected), DECODE_RATE, meta.rate,
-                                  meta.frames)
+            ratio = DECODE_RATE / meta.rate
+            start = max(0, math.floor(first * ratio) - _OPUS_LEAD_IN)
+            stop = math.ceil(last * ratio) + _OPUS_LEAD_IN
+            decoded = decode_ogg_opus(_read_fd(fd, size), start=start, frames=stop - start)
+            pcm = decoded.pcm
+            if meta.rate != DECODE_RATE:
+                rs = StreamResampler(DECODE_RATE, meta.rate, int(pcm.shape[1]))
+                pcm = np.concatenate([rs.process(pcm), rs.flush()])
+            skip = round(first - start / ratio)
+            pcm = pcm[skip : skip + frames]
         else:
             raise SegmentUnreadable(f"unknown segment format {meta.format!r}")
     except (OpusError, FlacError, ValueError) as exc:
@@ -485,7 +504,7 @@ def decode_segment(data: bytes, meta: SegmentMeta) -> NDArray[Any]:
     if pcm.ndim != 2 or (len(pcm) and pcm.shape[1] != meta.channels):
         raise SegmentUnreadable(f"decoded shape {pcm.shape} does not match "
                                 f"{meta.channels} channel(s)")
-    return _fit(pcm, meta.frames)
+    return _fit(pcm, frames)
 
 
 # ----------------------------------------------------------------------------
@@ -1559,14 +1578,11 @@ class DeviceApi:
         except (FileNotFoundError, _Unsafe) as exc:
             raise _Abort(f"segment {meta.id} is no longer readable: {exc}") from None
         try:
-            data = _read_fd(fd, size)
-        finally:
-            os.close(fd)
-        try:
-            pcm = decode_segment(data, meta)
+            part = decode_segment(fd, size, meta, piece.first, piece.last)
         except SegmentUnreadable as exc:
             raise _Abort(f"segment {meta.id} cannot be decoded: {exc}") from None
-        part = pcm[piece.first : piece.last]
+        finally:
+            os.close(fd)
         rate = self.agent.ring.rate
         if meta.rate != rate:
             part = _resample_exact(part, meta.rate, rate, piece.frames)

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,14 +38,15 @@ from edge_agent.api import (
     _StreamResponse,
     _Unsafe,
     check_api_config,
+    decode_segment,
     load_token,
     open_under,
     parse_utc,
     plan_audio,
 )
-from edge_agent.audio.flac import decode_ogg_flac
-from edge_agent.audio.opus import decode_ogg_opus
-from edge_agent.audio.pcm import SampleFormat, read_wav
+from edge_agent.audio.flac import OggFlacEncoder, decode_ogg_flac
+from edge_agent.audio.opus import decode_ogg_opus, encode_ogg_opus
+from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
 from edge_agent.audio.resample import resample
 from edge_agent.audio.sources import Block, SourceStats
 from edge_agent.clock import ManualClock
@@ -435,8 +437,11 @@ async def test_audio_pcm_spanning_spool_and_ring_is_sample_exact(tmp_path: Path)
         assert r.headers["Content-Length"] == str(len(r.content))
 
 
-async def test_audio_across_a_spooled_gap_with_and_without_silence(tmp_path: Path) -> None:
-    async with serve_agent(tmp_path) as s:
+@pytest.mark.parametrize("segment_format", ["wav", "flac"])
+async def test_audio_across_a_spooled_gap_with_and_without_silence(
+        tmp_path: Path, segment_format: str) -> None:
+    # Both lossless segment formats, read from the middle of a segment on.
+    async with serve_agent(tmp_path, segment_format=segment_format) as s:
         q = {"start": at(18), "end": at(28), "format": "pcm"}
         plain = await s.client.get("/v1/audio", params=q)
         assert plain.headers["X-Audio-Source"] == "spool"
@@ -799,6 +804,54 @@ def test_times_need_a_timezone() -> None:
     assert parse_utc("t", "2027-01-15T09:00:30+01:00") == T0 + 30
     assert parse_utc("t", "2027-01-15T09:00:30 01:00") == T0 + 30  # an unencoded '+'
     assert parse_utc("t", "2027-01-15T08:00:30.25Z") == T0 + 30.25
+
+
+def _long_segment(tmp_path: Path, fmt: str, seconds: float) -> tuple[Path, SegmentMeta,
+                                                                     NDArray[np.int16]]:
+    """A segment file of `seconds` of 48 kHz stereo audio, as the spool writes it."""
+    rate = 48000
+    mono = make_signal(seconds, rate)
+    pcm = np.stack([mono, mono[::-1]], axis=1)
+    path = tmp_path / f"long.{fmt}"
+    if fmt == "wav":
+        write_wav(path, pcm, rate)
+    elif fmt == "flac":
+        enc = OggFlacEncoder(rate, 2, SampleFormat.INT16)
+        path.write_bytes(enc.start() + enc.write(pcm) + enc.finish()[0])
+        enc.close()
+    else:
+        path.write_bytes(encode_ogg_opus(pcm, rate, bitrate=128000))
+    meta = SegmentMeta(id="long", device="d", start_utc="", end_utc="", start_ts=T0,
+                       end_ts=T0 + seconds, mono_start=0.0, mono_end=seconds,
+                       frames=len(pcm), rate=rate, channels=2, format=fmt, content_type="",
+                       bytes=path.stat().st_size, sha256="", clock_synced=True)
+    return path, meta, pcm
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "opus"])
+def test_a_second_of_a_long_segment_is_decoded_alone(tmp_path: Path, fmt: str) -> None:
+    """/v1/audio decodes only the part of a segment it serves: one second out of a
+    minute holds about a second of audio in memory, not the minute, and it is the
+    same audio a whole decode gives."""
+    path, meta, pcm = _long_segment(tmp_path, fmt, 60.0)
+    first, last = 30 * meta.rate + 123, 31 * meta.rate + 123
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        tracemalloc.start()
+        part = decode_segment(fd, meta.bytes, meta, first, last)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        whole = decode_segment(fd, meta.bytes, meta)
+    finally:
+        os.close(fd)
+    assert part.shape == (last - first, 2) and whole.shape == pcm.shape
+    minute = whole.nbytes
+    print(f"{fmt}: peak {peak / 1e6:.1f} MB for one second, {minute / 1e6:.1f} MB the minute")
+    assert peak < minute / 8
+    if fmt == "opus":  # lossy: the same audio as the whole decode, to far below its noise
+        assert snr_db(whole[first:last], part) > 60
+    else:
+        assert np.array_equal(part, pcm[first:last])
 
 
 def test_plan_trims_overlapping_segments_after_a_clock_step() -> None:

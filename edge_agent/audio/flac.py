@@ -8,6 +8,7 @@ file cut by a power cut is salvaged page by page, like Ogg Opus.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import secrets
 from typing import Any
 
@@ -117,8 +118,16 @@ class OggFlacEncoder:
             self._F.libflac.FLAC__stream_encoder_delete(enc)
 
 
-def decode_ogg_flac(data: bytes, sample_format: str) -> NDArray[np.int32] | NDArray[np.int16]:
-    """Decode an Ogg FLAC file (as the spool writes it) to int16 or left-justified int32."""
+_END_OF_STREAM = 4  # FLAC__STREAM_DECODER_END_OF_STREAM
+
+
+def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int = 0,
+                    last: int | None = None) -> NDArray[np.int32] | NDArray[np.int16]:
+    """Decode an Ogg FLAC file (as the spool writes it) to int16 or left-justified int32.
+
+    Only frames ``[first, last)`` are kept, and decoding stops at ``last``; `data`
+    may be a memory map, so a long file is never held in memory.
+    """
     from pyogg import flac as F  # only FLAC segments need libFLAC
 
     if not F.PYOGG_FLAC_AVAIL:
@@ -126,31 +135,35 @@ def decode_ogg_flac(data: bytes, sample_format: str) -> NDArray[np.int32] | NDAr
     lib = F.libflac
     blocks: list[NDArray[np.int32]] = []
     errors: list[int] = []
-    source = ctypes.create_string_buffer(data, len(data))
-    base = ctypes.addressof(source)
     pos = 0
+    decoded = 0  # frames decoded so far
     bits = 0
 
     def on_read(_dec: Any, buffer: Any, nbytes: Any, _client: Any) -> int:
         nonlocal pos
-        n = min(int(nbytes[0]), len(data) - pos)
-        if n <= 0:
+        chunk = data[pos : pos + int(nbytes[0])]
+        if not chunk:
             nbytes[0] = 0
             return 1  # FLAC__STREAM_DECODER_READ_STATUS_END_OF_STREAM
-        ctypes.memmove(buffer, base + pos, n)
-        pos += n
-        nbytes[0] = n
+        ctypes.memmove(buffer, chunk, len(chunk))
+        pos += len(chunk)
+        nbytes[0] = len(chunk)
         return 0  # CONTINUE
 
     def on_write(_dec: Any, frame: Any, buffer: Any, _client: Any) -> int:
-        nonlocal bits
+        nonlocal bits, decoded
         header = frame.contents.header
         n, channels = int(header.blocksize), int(header.channels)
         bits = int(header.bits_per_sample)
+        lo = max(first - decoded, 0)
+        hi = n if last is None else min(n, last - decoded)
+        decoded += n
+        if hi <= lo:
+            return 0  # CONTINUE: outside [first, last)
         planes = ctypes.cast(buffer, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
-        block = np.empty((n, channels), dtype=np.int32)
+        block = np.empty((hi - lo, channels), dtype=np.int32)
         for c in range(channels):
-            block[:, c] = np.ctypeslib.as_array(planes[c], shape=(n,))
+            block[:, c] = np.ctypeslib.as_array(planes[c], shape=(n,))[lo:hi]
         blocks.append(block)
         return 0  # CONTINUE
 
@@ -171,7 +184,11 @@ def decode_ogg_flac(data: bytes, sample_format: str) -> NDArray[np.int32] | NDAr
             F.FLAC__StreamDecoderMetadataCallback(), callbacks[2], None)
         if status != 0:
             raise FlacError(f"libFLAC refused the stream (init status {status})")
-        ok = lib.FLAC__stream_decoder_process_until_end_of_stream(dec)
+        ok = True
+        while ok and (last is None or decoded < last):
+            ok = lib.FLAC__stream_decoder_process_single(dec)
+            if lib.FLAC__stream_decoder_get_state(dec) == _END_OF_STREAM:
+                break
         lib.FLAC__stream_decoder_finish(dec)
     finally:
         lib.FLAC__stream_decoder_delete(dec)

@@ -382,8 +382,11 @@ class DecodedOpus:
         return float(self.pcm.shape[0]) / self.rate
 
 
-def decode_ogg_opus(data: bytes | bytearray | memoryview) -> DecodedOpus:
-    """Decode a whole Ogg Opus file held in memory.
+def decode_ogg_opus(data: bytes | bytearray | memoryview, *, start: int = 0,
+                    frames: int | None = None) -> DecodedOpus:
+    """Decode a whole Ogg Opus file held in memory, or `frames` frames (at 48 kHz)
+    from frame `start` on: libopusfile seeks sample-exactly, so only that part is
+    decoded and held.
 
     A file cut at a page boundary (as :func:`last_complete_page_end` leaves
     it) decodes fine; gaps inside the stream are skipped with a warning.
@@ -403,12 +406,16 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview) -> DecodedOpus:
     try:
         channels = int(_lib.op_channel_count(of, -1))
         input_rate = int(_lib.op_head(of, -1).contents.input_sample_rate)
-        total = int(_lib.op_pcm_total(of, -1))
-        capacity = max(total, 0) + _READ_FRAMES
+        total = max(int(_lib.op_pcm_total(of, -1)), 0)
+        skip = 0
+        if start > 0 and _lib.op_pcm_seek(of, ctypes.c_int64(start)) != 0:
+            skip = start  # not seekable (damaged, or past the end): decode and drop
+        limit = frames
+        capacity = (max(total - start, 0) if limit is None else limit) + _READ_FRAMES
         out = np.empty((capacity, channels), dtype=np.float32)
         pos = 0
         link = ctypes.c_int(0)
-        while True:
+        while limit is None or pos < limit:
             if capacity - pos < _READ_FRAMES:
                 capacity *= 2
                 out = np.resize(out, (capacity, channels))
@@ -423,9 +430,16 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview) -> DecodedOpus:
                 break
             if int(_lib.op_channel_count(of, link.value)) != channels:
                 raise OpusError("chained streams with different channel counts are not supported")
+            if skip:  # the stream could not seek: decode up to `start` and drop it
+                dropped = min(skip, n)
+                out[pos : pos + n - dropped] = out[pos + dropped : pos + n]
+                skip -= dropped
+                n -= dropped
             pos += n
     finally:
         _lib.op_free(of)
+    if limit is not None:
+        pos = min(pos, limit)
     return DecodedOpus(pcm=out[:pos], channels=channels, input_rate=input_rate)
 
 

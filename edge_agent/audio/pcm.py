@@ -287,8 +287,9 @@ def wav_bytes(x: NDArray[Any], rate: int) -> bytes:
     return buf.getvalue()
 
 
-def read_wav(path: str | os.PathLike[str] | BinaryIO) -> tuple[NDArray[Any], int]:
-    """Read a PCM WAV file.
+def read_wav(path: str | os.PathLike[str] | BinaryIO, *, start: int = 0,
+             frames: int | None = None) -> tuple[NDArray[Any], int]:
+    """Read a PCM WAV file, or `frames` frames of it from frame `start` on.
 
     Returns:
         ``(samples, rate)`` with samples shaped ``(frames, channels)``: int16 for
@@ -307,7 +308,11 @@ def read_wav(path: str | os.PathLike[str] | BinaryIO) -> tuple[NDArray[Any], int
             channels = w.getnchannels()
             width = w.getsampwidth()
             rate = w.getframerate()
-            nframes = w.getnframes()
+            first = min(start, w.getnframes())
+            w.setpos(first)
+            nframes = w.getnframes() - first
+            if frames is not None:
+                nframes = min(nframes, frames)
             raw = w.readframes(nframes)
     except wave.Error as exc:
         reason = str(exc)
