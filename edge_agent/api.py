@@ -138,6 +138,7 @@ _MAX_CHANNELS = 8
 _OPUS_BITRATE = 64000
 _BLOCK_SECONDS = 1.0  # audio converted per trip to a worker thread
 _FILE_CHUNK = 64 * 1024
+_SEGMENT_WINDOW_SECONDS = 30.0  # of a spooled segment decoded at a time
 # Opus decoded from this many 48 kHz frames (200 ms) before the range: after a
 # seek the decoder, and then the resampler, need that long to settle.
 _OPUS_LEAD_IN = DECODE_RATE // 5
@@ -467,8 +468,8 @@ def decode_segment(fd: int, size: int, meta: SegmentMeta, first: int = 0,
     """Frames ``[first, last)`` of a segment file (open as `fd`) at ``meta.rate``,
     as ``(frames, meta.channels)``; by default the whole segment.
 
-    Only that part is decoded and held: WAV is read from `first` on, FLAC is
-    decoded from a memory map up to `last`, Opus seeks. WAV and FLAC keep the
+    Only that part is decoded and held: WAV is read from `first` on, FLAC (from
+    a memory map of the file) and Opus seek to it. WAV and FLAC keep the
     capture's integers exactly (int16, or int32); Opus is float32, decoded at
     48 kHz from a little before `first` (so the decoder and the resampler have
     settled) and brought back to the segment's rate.
@@ -501,7 +502,9 @@ def decode_segment(fd: int, size: int, meta: SegmentMeta, first: int = 0,
             raise SegmentUnreadable(f"unknown segment format {meta.format!r}")
     except (OpusError, FlacError, ValueError) as exc:
         raise SegmentUnreadable(str(exc)) from exc
-    if pcm.ndim != 2 or (len(pcm) and pcm.shape[1] != meta.channels):
+    if len(pcm) == 0:  # nothing there (a salvaged file ends earlier): silence
+        pcm = np.zeros((0, meta.channels), dtype=pcm.dtype)
+    if pcm.ndim != 2 or pcm.shape[1] != meta.channels:
         raise SegmentUnreadable(f"decoded shape {pcm.shape} does not match "
                                 f"{meta.channels} channel(s)")
     return _fit(pcm, frames)
@@ -542,6 +545,20 @@ class SegmentPiece:
     @property
     def end_utc(self) -> float:
         return self.utc + (self.last - self.first) / self.meta.rate
+
+
+def _windows(piece: SegmentPiece, rate: int) -> Iterator[SegmentPiece]:
+    """The piece in parts of `_SEGMENT_WINDOW_SECONDS`, decoded one at a time so a
+    long segment is never in memory whole. A segment at another rate than the
+    ring's is converted in one go (its resampler runs across the whole piece)."""
+    step = round(_SEGMENT_WINDOW_SECONDS * piece.meta.rate)
+    if piece.meta.rate != rate or piece.last - piece.first <= step:
+        yield piece
+        return
+    for a in range(piece.first, piece.last, step):
+        b = min(a + step, piece.last)
+        yield dataclasses.replace(piece, first=a, last=b, frames=b - a,
+                                  utc=piece.utc + (a - piece.first) / piece.meta.rate)
 
 
 @dataclass(frozen=True)
@@ -1560,11 +1577,12 @@ class DeviceApi:
                                          f"it was sent: {exc}") from None
                         await render(pcm)
                 else:
-                    pcm = await trio.to_thread.run_sync(self._segment_pcm, item,
-                                                        limiter=self._io_threads)
-                    for a in range(0, len(pcm), block):
-                        await render(pcm[a : a + block])
-                    del pcm
+                    for window in _windows(item, ring.rate):
+                        pcm = await trio.to_thread.run_sync(self._segment_pcm, window,
+                                                            limiter=self._io_threads)
+                        for a in range(0, len(pcm), block):
+                            await render(pcm[a : a + block])
+                        del pcm
             await sink.send(await trio.to_thread.run_sync(renderer.finish, limiter=threads))
         finally:
             renderer.close()

@@ -95,6 +95,21 @@ def test_tone_survives_encode_decode(
         assert aligned_snr_db(x[:, ch], back[:, ch], rate, 440.0) >= min_snr_db
 
 
+def test_a_part_is_decoded_by_seeking() -> None:
+    """decode_ogg_opus(start=, frames=) gives that part of the whole decode: after
+    a 200 ms lead-in (dropped) the decoder has settled to the same samples."""
+    x = from_float32(tone(16000, 6.0, 1), SampleFormat.INT16)
+    data = encode_ogg_opus(x, 16000, bitrate=64000)
+    whole = decode_ogg_opus(data).pcm
+    lead, start, n = 9600, 100_001, 48_000
+    part = decode_ogg_opus(data, start=start - lead, frames=n + lead).pcm[lead:]
+    assert part.shape == (n, 1)
+    err = part - whole[start : start + n]
+    assert 10 * np.log10(np.sum(whole[start : start + n] ** 2) / np.sum(err**2)) > 60
+    # Past the end there is nothing, not an error.
+    assert decode_ogg_opus(data, start=len(whole) + 10, frames=5).pcm.shape == (0, 1)
+
+
 def test_pages_come_out_while_writing() -> None:
     x = from_float32(tone(16000, 10.0, 1), SampleFormat.INT16)
     enc = OggOpusEncoder(16000, 1, max_page_delay_ms=1000)

@@ -154,6 +154,9 @@ def test_wav_round_trip(tmp_path: Path, dtype: type) -> None:
     assert rate == 16000
     assert back.dtype == dtype
     np.testing.assert_array_equal(back, x)
+    # A part of it, read from its offset; past the end there is nothing.
+    np.testing.assert_array_equal(read_wav(path, start=7, frames=100)[0], x[7:107])
+    assert read_wav(path, start=len(x) + 5)[0].shape == (0, 2)
 
 
 def test_float_audio_is_written_as_16_bit(tmp_path: Path) -> None:

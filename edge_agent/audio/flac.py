@@ -119,14 +119,16 @@ class OggFlacEncoder:
 
 
 _END_OF_STREAM = 4  # FLAC__STREAM_DECODER_END_OF_STREAM
+_BY_SAMPLE_NUMBER = 1  # FLAC__FRAME_NUMBER_TYPE_SAMPLE_NUMBER
 
 
 def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int = 0,
                     last: int | None = None) -> NDArray[np.int32] | NDArray[np.int16]:
     """Decode an Ogg FLAC file (as the spool writes it) to int16 or left-justified int32.
 
-    Only frames ``[first, last)`` are kept, and decoding stops at ``last``; `data`
-    may be a memory map, so a long file is never held in memory.
+    Only frames ``[first, last)`` are decoded: libFLAC seeks to `first` and
+    decoding stops at `last`. `data` may be a memory map, so a long file is
+    never held in memory.
     """
     from pyogg import flac as F  # only FLAC segments need libFLAC
 
@@ -155,9 +157,13 @@ def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int =
         header = frame.contents.header
         n, channels = int(header.blocksize), int(header.channels)
         bits = int(header.bits_per_sample)
-        lo = max(first - decoded, 0)
-        hi = n if last is None else min(n, last - decoded)
-        decoded += n
+        # Where the frame starts: libFLAC numbers frames by sample (and trims the
+        # frame a seek lands in so that it starts at the target).
+        at = (int(header.number.sample_number) if header.number_type == _BY_SAMPLE_NUMBER
+              else decoded)
+        lo = max(first - at, 0)
+        hi = n if last is None else min(n, last - at)
+        decoded = at + n
         if hi <= lo:
             return 0  # CONTINUE: outside [first, last)
         planes = ctypes.cast(buffer, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32)))
@@ -167,23 +173,46 @@ def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int =
         blocks.append(block)
         return 0  # CONTINUE
 
+    def on_seek(_dec: Any, offset: int, _client: Any) -> int:
+        nonlocal pos
+        pos = int(offset)
+        return 0  # OK
+
+    def on_tell(_dec: Any, offset: Any, _client: Any) -> int:
+        offset[0] = pos
+        return 0  # OK
+
+    def on_length(_dec: Any, length: Any, _client: Any) -> int:
+        length[0] = len(data)
+        return 0  # OK
+
+    def on_eof(_dec: Any, _client: Any) -> bool:
+        return pos >= len(data)
+
     def on_error(_dec: Any, status: int, _client: Any) -> None:
         errors.append(int(status))
 
     callbacks = (F.FLAC__StreamDecoderReadCallback(on_read),
+                 F.FLAC__StreamDecoderSeekCallback(on_seek),
+                 F.FLAC__StreamDecoderTellCallback(on_tell),
+                 F.FLAC__StreamDecoderLengthCallback(on_length),
+                 F.FLAC__StreamDecoderEofCallback(on_eof),
                  F.FLAC__StreamDecoderWriteCallback(on_write),
+                 F.FLAC__StreamDecoderMetadataCallback(),
                  F.FLAC__StreamDecoderErrorCallback(on_error))
     dec = lib.FLAC__stream_decoder_new()
     if not dec:
         raise FlacError("FLAC__stream_decoder_new failed")
     try:
-        status = lib.FLAC__stream_decoder_init_ogg_stream(
-            dec, callbacks[0], F.FLAC__StreamDecoderSeekCallback(),
-            F.FLAC__StreamDecoderTellCallback(), F.FLAC__StreamDecoderLengthCallback(),
-            F.FLAC__StreamDecoderEofCallback(), callbacks[1],
-            F.FLAC__StreamDecoderMetadataCallback(), callbacks[2], None)
+        status = lib.FLAC__stream_decoder_init_ogg_stream(dec, *callbacks, None)
         if status != 0:
             raise FlacError(f"libFLAC refused the stream (init status {status})")
+        if first > 0 and not lib.FLAC__stream_decoder_seek_absolute(dec, first):
+            # Not seekable (a salvaged file): decode from the start, keep from `first`.
+            lib.FLAC__stream_decoder_reset(dec)
+            blocks.clear()
+            decoded = 0
+        errors.clear()  # a seek's search may lose sync on the way; that is no error
         ok = True
         while ok and (last is None or decoded < last):
             ok = lib.FLAC__stream_decoder_process_single(dec)
