@@ -426,18 +426,6 @@ def _open_segment(spool: Spool, seg_id: str) -> tuple[int, int]:
     raise FileNotFoundError(seg_id)
 
 
-def _read_fd(fd: int, size: int) -> bytes:
-    parts: list[bytes] = []
-    pos = 0
-    while pos < size:
-        chunk = os.pread(fd, min(1 << 20, size - pos), pos)
-        if not chunk:
-            break
-        parts.append(chunk)
-        pos += len(chunk)
-    return b"".join(parts)
-
-
 # ----------------------------------------------------------------------------
 # Decoding spooled segments
 
@@ -463,7 +451,7 @@ def _resample_exact(pcm: NDArray[Any], in_rate: int, out_rate: int,
     return _fit(out, frames)
 
 
-def decode_segment(fd: int, size: int, meta: SegmentMeta, first: int = 0,
+def decode_segment(fd: int, meta: SegmentMeta, first: int = 0,
                    last: int | None = None) -> NDArray[Any]:
     """Frames ``[first, last)`` of a segment file (open as `fd`) at ``meta.rate``,
     as ``(frames, meta.channels)``; by default the whole segment.
@@ -491,8 +479,8 @@ def decode_segment(fd: int, size: int, meta: SegmentMeta, first: int = 0,
             ratio = DECODE_RATE / meta.rate
             start = max(0, math.floor(first * ratio) - _OPUS_LEAD_IN)
             stop = math.ceil(last * ratio) + _OPUS_LEAD_IN
-            decoded = decode_ogg_opus(_read_fd(fd, size), start=start, frames=stop - start)
-            pcm = decoded.pcm
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+                pcm = decode_ogg_opus(mapped, start=start, frames=stop - start).pcm
             if meta.rate != DECODE_RATE:
                 rs = StreamResampler(DECODE_RATE, meta.rate, int(pcm.shape[1]))
                 pcm = np.concatenate([rs.process(pcm), rs.flush()])
@@ -1592,11 +1580,11 @@ class DeviceApi:
         meta = piece.meta
         spool = self._spool()
         try:
-            fd, size = _open_segment(spool, meta.id)
+            fd, _size = _open_segment(spool, meta.id)
         except (FileNotFoundError, _Unsafe) as exc:
             raise _Abort(f"segment {meta.id} is no longer readable: {exc}") from None
         try:
-            part = decode_segment(fd, size, meta, piece.first, piece.last)
+            part = decode_segment(fd, meta, piece.first, piece.last)
         except SegmentUnreadable as exc:
             raise _Abort(f"segment {meta.id} cannot be decoded: {exc}") from None
         finally:

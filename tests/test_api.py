@@ -858,10 +858,10 @@ def test_a_second_of_a_long_segment_is_decoded_alone(tmp_path: Path, fmt: str) -
     fd = os.open(path, os.O_RDONLY)
     try:
         tracemalloc.start()
-        part = decode_segment(fd, meta.bytes, meta, first, last)
+        part = decode_segment(fd, meta, first, last)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        whole = decode_segment(fd, meta.bytes, meta)
+        whole = decode_segment(fd, meta)
     finally:
         os.close(fd)
     assert part.shape == (last - first, 2) and whole.shape == pcm.shape

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import random
 import zlib
@@ -382,7 +383,7 @@ class DecodedOpus:
         return float(self.pcm.shape[0]) / self.rate
 
 
-def decode_ogg_opus(data: bytes | bytearray | memoryview, *, start: int = 0,
+def decode_ogg_opus(data: bytes | bytearray | memoryview | mmap.mmap, *, start: int = 0,
                     frames: int | None = None) -> DecodedOpus:
     """Decode a whole Ogg Opus file held in memory, or `frames` frames (at 48 kHz)
     from frame `start` on: libopusfile seeks sample-exactly, so only that part is
@@ -395,13 +396,14 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview, *, start: int = 0,
         OpusError: the bytes are not a decodable Ogg Opus stream.
     """
     _require(_lib.PYOGG_OPUS_FILE_AVAIL, "libopusfile")
-    # libopusfile reads straight from this buffer; ``buf`` keeps it alive
-    # until op_free below.
-    buf = bytes(data)
+    # libopusfile reads straight from the caller's buffer (bytes, or a memory
+    # map of the file): no copy; ``view`` keeps it alive until op_free below.
+    view = np.frombuffer(data, dtype=np.uint8)
     err = ctypes.c_int(0)
-    ptr = ctypes.cast(ctypes.c_char_p(buf), _c_ubyte_p)
-    of = _lib.op_open_memory(ptr, len(buf), ctypes.byref(err))
+    ptr = ctypes.cast(view.ctypes.data, _c_ubyte_p)
+    of = _lib.op_open_memory(ptr, len(view), ctypes.byref(err))
     if not of:
+        del view  # a memory map can only be closed once no view of it is left
         raise _op_error("op_open_memory", err.value)
     try:
         channels = int(_lib.op_channel_count(of, -1))
@@ -438,6 +440,7 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview, *, start: int = 0,
             pos += n
     finally:
         _lib.op_free(of)
+        del view
     if limit is not None:
         pos = min(pos, limit)
     return DecodedOpus(pcm=out[:pos], channels=channels, input_rate=input_rate)
