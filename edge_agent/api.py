@@ -46,7 +46,6 @@ import importlib.metadata
 import ipaddress
 import logging
 import math
-import mmap
 import os
 import re
 import secrets
@@ -56,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -456,8 +455,9 @@ def decode_segment(fd: int, meta: SegmentMeta, first: int = 0,
     """Frames ``[first, last)`` of a segment file (open as `fd`) at ``meta.rate``,
     as ``(frames, meta.channels)``; by default the whole segment.
 
-    Only that part is decoded and held: WAV is read from `first` on, FLAC (from
-    a memory map of the file) and Opus seek to it. WAV and FLAC keep the
+    Only that part is decoded and held: WAV is read from `first` on, FLAC and
+    Opus seek to it (reading the file as the decoder asks: a storage error is
+    a SegmentUnreadable, never a crash). WAV and FLAC keep the
     capture's integers exactly (int16, or int32); Opus is float32, decoded at
     48 kHz from a little before `first` (so the decoder and the resampler have
     settled) and brought back to the segment's rate.
@@ -468,27 +468,17 @@ def decode_segment(fd: int, meta: SegmentMeta, first: int = 0,
     last = meta.frames if last is None else last
     frames = last - first
     try:
-        if meta.format == "wav":
-            with open(fd, "rb", closefd=False) as f:
-                f.seek(0)
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            if meta.format == "wav":
                 pcm, _rate = read_wav(f, start=first, frames=frames)
-        elif meta.format == "flac":
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-                pcm = decode_ogg_flac(mapped, meta.sample_format, first=first, last=last)
-        elif meta.format == "opus":
-            ratio = DECODE_RATE / meta.rate
-            start = max(0, math.floor(first * ratio) - _OPUS_LEAD_IN)
-            stop = math.ceil(last * ratio) + _OPUS_LEAD_IN
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-                pcm = decode_ogg_opus(mapped, start=start, frames=stop - start).pcm
-            if meta.rate != DECODE_RATE:
-                rs = StreamResampler(DECODE_RATE, meta.rate, int(pcm.shape[1]))
-                pcm = np.concatenate([rs.process(pcm), rs.flush()])
-            skip = round(first - start / ratio)
-            pcm = pcm[skip : skip + frames]
-        else:
-            raise SegmentUnreadable(f"unknown segment format {meta.format!r}")
-    except (OpusError, FlacError, ValueError) as exc:
+            elif meta.format == "flac":
+                pcm = decode_ogg_flac(f, meta.sample_format, first=first, last=last)
+            elif meta.format == "opus":
+                pcm = _decode_opus_part(f, meta.rate, first, last)
+            else:
+                raise SegmentUnreadable(f"unknown segment format {meta.format!r}")
+    except (OpusError, FlacError, ValueError, OSError) as exc:
         raise SegmentUnreadable(str(exc)) from exc
     if len(pcm) == 0:  # nothing there (a salvaged file ends earlier): silence
         pcm = np.zeros((0, meta.channels), dtype=pcm.dtype)
@@ -496,6 +486,25 @@ def decode_segment(fd: int, meta: SegmentMeta, first: int = 0,
         raise SegmentUnreadable(f"decoded shape {pcm.shape} does not match "
                                 f"{meta.channels} channel(s)")
     return _fit(pcm, frames)
+
+
+def _decode_opus_part(f: BinaryIO, rate: int, first: int, last: int) -> NDArray[Any]:
+    """Frames ``[first, last)`` at `rate` of an Ogg Opus segment captured at `rate`.
+
+    Decoding (always at 48 kHz) starts `_OPUS_LEAD_IN` early, so the decoder
+    and the resampler have settled by `first`, and on a 48 kHz frame that falls
+    exactly on a frame at `rate`, so the part lines up with a whole decode to
+    the sample (a 44.1 kHz frame meets a 48 kHz one every 160 of the latter).
+    """
+    step = DECODE_RATE // math.gcd(DECODE_RATE, rate)
+    start = max(0, (first * DECODE_RATE // rate - _OPUS_LEAD_IN) // step * step)
+    stop = -(-last * DECODE_RATE // rate) + _OPUS_LEAD_IN
+    pcm = decode_ogg_opus(f, start=start, frames=stop - start).pcm
+    if rate != DECODE_RATE:
+        rs = StreamResampler(DECODE_RATE, rate, int(pcm.shape[1]))
+        pcm = np.concatenate([rs.process(pcm), rs.flush()])
+    skip = first - start * rate // DECODE_RATE
+    return pcm[skip : skip + last - first]
 
 
 # ----------------------------------------------------------------------------

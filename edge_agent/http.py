@@ -19,7 +19,8 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .supervisor import TaskStatus
 
@@ -50,18 +51,25 @@ async def serve(
     that long (Linux; elsewhere it is ignored).
     """
     cfg = hypercorn_config(bind, **options)
-    option = getattr(socket, "TCP_USER_TIMEOUT", None)
-    if write_timeout is not None and option is not None:
-        # Bind here to set the option, then hand Hypercorn the bound sockets.
-        sockets = cfg.create_sockets().insecure_sockets
-        for sock in sockets:
-            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
-        cfg.bind = [f"fd://{sock.detach()}" for sock in sockets]
-
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            lambda task_status: hypercorn_serve(app, cfg, task_status=task_status)
-        )
-        url = binds[0]
-        log.info("http serving url=%s", url)
-        task_status.started(url)
+    # Bound here, not by Hypercorn, to set the option before any connection is
+    # accepted, and closed here whenever serving ends (even during startup).
+    sockets = cfg.create_sockets()
+    try:
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        for sock in sockets.insecure_sockets:
+            if write_timeout is not None and option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
+            sock.listen(cfg.backlog)
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                lambda task_status: worker_serve(
+                    wrap_app(app, cfg.wsgi_max_body_size, "asgi"), cfg, sockets=sockets,
+                    task_status=task_status,
+                )
+            )
+            url = binds[0]
+            log.info("http serving url=%s", url)
+            task_status.started(url)
+    finally:
+        for sock in sockets.insecure_sockets:
+            sock.close()

@@ -9,6 +9,7 @@ Opus. Wall-clock time is a ManualClock, so every UTC in the test is exact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -30,11 +31,13 @@ import trio
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent import api as api_module
 from edge_agent.agent import Agent
 from edge_agent.api import (
     GAPS_HEADER,
     RingPiece,
     SegmentPiece,
+    SegmentUnreadable,
     _StreamResponse,
     _Unsafe,
     check_api_config,
@@ -826,10 +829,9 @@ def test_times_need_a_timezone() -> None:
     assert parse_utc("t", "2027-01-15T08:00:30.25Z") == T0 + 30.25
 
 
-def _long_segment(tmp_path: Path, fmt: str, seconds: float) -> tuple[Path, SegmentMeta,
-                                                                     NDArray[np.int16]]:
-    """A segment file of `seconds` of 48 kHz stereo audio, as the spool writes it."""
-    rate = 48000
+def _long_segment(tmp_path: Path, fmt: str, seconds: float, rate: int = 48000
+                  ) -> tuple[Path, SegmentMeta, NDArray[np.int16]]:
+    """A segment file of `seconds` of stereo audio at `rate`, as the spool writes it."""
     mono = make_signal(seconds, rate)
     pcm = np.stack([mono, mono[::-1]], axis=1)
     path = tmp_path / f"long.{fmt}"
@@ -848,12 +850,15 @@ def _long_segment(tmp_path: Path, fmt: str, seconds: float) -> tuple[Path, Segme
     return path, meta, pcm
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "opus"])
-def test_a_second_of_a_long_segment_is_decoded_alone(tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "rate"),
+                         [("wav", 48000), ("flac", 48000), ("opus", 48000), ("opus", 44100)])
+def test_a_second_of_a_long_segment_is_decoded_alone(tmp_path: Path, fmt: str,
+                                                     rate: int) -> None:
     """/v1/audio decodes only the part of a segment it serves: one second out of a
     minute holds about a second of audio in memory, not the minute, and it is the
-    same audio a whole decode gives."""
-    path, meta, pcm = _long_segment(tmp_path, fmt, 60.0)
+    same audio a whole decode gives (for Opus also at a rate that does not divide
+    its 48 kHz, where the part must start on the right sample)."""
+    path, meta, pcm = _long_segment(tmp_path, fmt, 60.0, rate)
     first, last = 30 * meta.rate + 123, 31 * meta.rate + 123
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -872,6 +877,32 @@ def test_a_second_of_a_long_segment_is_decoded_alone(tmp_path: Path, fmt: str) -
         assert snr_db(whole[first:last], part) > 60
     else:
         assert np.array_equal(part, pcm[first:last])
+
+
+class _FailingStorage(io.BytesIO):
+    """A file whose storage fails (EIO) past `fail_at` bytes, as a dying SD card does."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        if self.tell() + (n if n is not None and n >= 0 else 1) > self.fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(n)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "opus"])
+def test_a_storage_error_while_decoding_is_reported_not_a_crash(
+        tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read error from the card in the middle of a segment ends that decode with
+    an error naming it (the request is cut, the agent goes on capturing)."""
+    path, meta, _pcm = _long_segment(tmp_path, fmt, 5.0)
+    data = path.read_bytes()
+    monkeypatch.setattr(api_module, "open",
+                        lambda *_a, **_k: _FailingStorage(data, len(data) // 2), raising=False)
+    with pytest.raises(SegmentUnreadable, match="Input/output error"):
+        decode_segment(0, meta, meta.rate, 4 * meta.rate)
 
 
 def test_plan_trims_overlapping_segments_after_a_clock_step() -> None:

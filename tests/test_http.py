@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import partial
 from typing import Any
@@ -9,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
+import trio.testing
 
 from edge_agent.http import serve
 
@@ -58,3 +60,31 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() 
         # (Closing the client also unblocks the server if it did not drop it.)
         assert app.gone.is_set(), "the server still writes to a client that reads nothing"
         nursery.cancel_scope.cancel()
+
+
+class StuckStartup:
+    """An ASGI app whose lifespan startup never completes (it waits on a dead
+    resource, say)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await trio.sleep_forever()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds through /proc")
+async def test_serving_cancelled_during_startup_leaves_no_socket_open() -> None:
+    """The supervisor restarts a stuck API; each attempt must not leak its port."""
+    before = _open_fds()
+    for _ in range(3):
+        with trio.move_on_after(5) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(serve, StuckStartup(), "127.0.0.1:0",
+                                           write_timeout=1.0))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        assert not scope.cancelled_caught
+    assert _open_fds() == before

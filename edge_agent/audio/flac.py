@@ -8,9 +8,9 @@ file cut by a power cut is salvaged page by page, like Ogg Opus.
 from __future__ import annotations
 
 import ctypes
-import mmap
+import io
 import secrets
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from numpy.typing import NDArray
@@ -122,34 +122,42 @@ _END_OF_STREAM = 4  # FLAC__STREAM_DECODER_END_OF_STREAM
 _BY_SAMPLE_NUMBER = 1  # FLAC__FRAME_NUMBER_TYPE_SAMPLE_NUMBER
 
 
-def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int = 0,
+def decode_ogg_flac(source: bytes | BinaryIO, sample_format: str, *, first: int = 0,
                     last: int | None = None) -> NDArray[np.int32] | NDArray[np.int16]:
     """Decode an Ogg FLAC file (as the spool writes it) to int16 or left-justified int32.
 
     Only frames ``[first, last)`` are decoded: libFLAC seeks to `first` and
-    decoding stops at `last`. `data` may be a memory map, so a long file is
-    never held in memory.
+    decoding stops at `last`. `source` is the file's bytes or the open file
+    itself, read as libFLAC asks, so a long file is never held in memory and a
+    storage error is a FlacError, not a crash.
     """
     from pyogg import flac as F  # only FLAC segments need libFLAC
 
     if not F.PYOGG_FLAC_AVAIL:
         raise FlacError("libFLAC is not available (install the libflac12 package)")
     lib = F.libflac
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    f.seek(0)
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
     blocks: list[NDArray[np.int32]] = []
     errors: list[int] = []
-    pos = 0
+    io_errors: list[OSError] = []
     decoded = 0  # frames decoded so far
     bits = 0
 
+    # libFLAC ignores a Python exception in a callback, so a failed read or
+    # seek is kept and reported through the callback's status.
     def on_read(_dec: Any, buffer: Any, nbytes: Any, _client: Any) -> int:
-        nonlocal pos
-        chunk = data[pos : pos + int(nbytes[0])]
-        if not chunk:
-            nbytes[0] = 0
-            return 1  # FLAC__STREAM_DECODER_READ_STATUS_END_OF_STREAM
-        ctypes.memmove(buffer, chunk, len(chunk))
-        pos += len(chunk)
+        try:
+            chunk = f.read(int(nbytes[0]))
+        except OSError as exc:
+            io_errors.append(exc)
+            return 2  # FLAC__STREAM_DECODER_READ_STATUS_ABORT
         nbytes[0] = len(chunk)
+        if not chunk:
+            return 1  # END_OF_STREAM
+        ctypes.memmove(buffer, chunk, len(chunk))
         return 0  # CONTINUE
 
     def on_write(_dec: Any, frame: Any, buffer: Any, _client: Any) -> int:
@@ -174,20 +182,23 @@ def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int =
         return 0  # CONTINUE
 
     def on_seek(_dec: Any, offset: int, _client: Any) -> int:
-        nonlocal pos
-        pos = int(offset)
+        try:
+            f.seek(int(offset))
+        except OSError as exc:
+            io_errors.append(exc)
+            return 1  # ERROR
         return 0  # OK
 
     def on_tell(_dec: Any, offset: Any, _client: Any) -> int:
-        offset[0] = pos
+        offset[0] = f.tell()
         return 0  # OK
 
     def on_length(_dec: Any, length: Any, _client: Any) -> int:
-        length[0] = len(data)
+        length[0] = size
         return 0  # OK
 
     def on_eof(_dec: Any, _client: Any) -> bool:
-        return pos >= len(data)
+        return f.tell() >= size
 
     def on_error(_dec: Any, status: int, _client: Any) -> None:
         errors.append(int(status))
@@ -221,6 +232,8 @@ def decode_ogg_flac(data: bytes | mmap.mmap, sample_format: str, *, first: int =
         lib.FLAC__stream_decoder_finish(dec)
     finally:
         lib.FLAC__stream_decoder_delete(dec)
+    if io_errors:
+        raise FlacError(f"reading the file failed: {io_errors[0]}")
     if not ok or errors:
         raise FlacError(f"Ogg FLAC decoding failed (errors {errors})")
     if not blocks:

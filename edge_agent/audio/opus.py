@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import mmap
 import os
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Final, Self
+from typing import Any, BinaryIO, Final, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -112,7 +111,9 @@ def _ope_error(what: str, code: int) -> OpusError:
     return OpusError(f"{what}: {reason} ({code})")
 
 
-def _op_error(what: str, code: int) -> OpusError:
+def _op_error(what: str, code: int, reads: _FileReads | None = None) -> OpusError:
+    if reads is not None and reads.error is not None:
+        return OpusError(f"reading the file failed: {reads.error}")
     return OpusError(f"{what}: {_OP_ERRORS.get(code, 'unknown libopusfile error')} ({code})")
 
 
@@ -383,28 +384,72 @@ class DecodedOpus:
         return float(self.pcm.shape[0]) / self.rate
 
 
-def decode_ogg_opus(data: bytes | bytearray | memoryview | mmap.mmap, *, start: int = 0,
+class _FileReads:
+    """libopusfile's read, seek and tell callbacks served from an open file, so
+    a storage error ends the decode as OP_EREAD (kept in `error`) where reading
+    through a memory map would kill the process with SIGBUS."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+        # Kept on self: libopusfile calls them until op_free.
+        self.callbacks = _lib.OpusFileCallbacks(
+            _lib.op_read_func(self._read), _lib.op_seek_func(self._seek),
+            _lib.op_tell_func(self._tell), _lib.op_close_func(),
+        )
+
+    def _read(self, _stream: Any, ptr: Any, nbytes: int) -> int:
+        try:
+            data = self.file.read(nbytes)
+        except OSError as exc:
+            self.error = exc
+            return -1
+        ctypes.memmove(ptr, data, len(data))
+        return len(data)
+
+    def _seek(self, _stream: Any, offset: int, whence: int) -> int:
+        try:
+            self.file.seek(offset, whence)
+        except OSError as exc:
+            self.error = exc
+            return -1
+        return 0
+
+    def _tell(self, _stream: Any) -> int:
+        return self.file.tell()
+
+
+def decode_ogg_opus(source: bytes | bytearray | memoryview | BinaryIO, *, start: int = 0,
                     frames: int | None = None) -> DecodedOpus:
-    """Decode a whole Ogg Opus file held in memory, or `frames` frames (at 48 kHz)
-    from frame `start` on: libopusfile seeks sample-exactly, so only that part is
-    decoded and held.
+    """Decode a whole Ogg Opus file, or `frames` frames (at 48 kHz) from frame
+    `start` on: libopusfile seeks sample-exactly, so only that part is decoded
+    and held. `source` is the file's bytes or the open file itself (read as
+    libopusfile asks, never whole).
 
     A file cut at a page boundary (as :func:`last_complete_page_end` leaves
     it) decodes fine; gaps inside the stream are skipped with a warning.
 
     Raises:
-        OpusError: the bytes are not a decodable Ogg Opus stream.
+        OpusError: the bytes are not a decodable Ogg Opus stream, or reading
+            the file failed.
     """
     _require(_lib.PYOGG_OPUS_FILE_AVAIL, "libopusfile")
-    # libopusfile reads straight from the caller's buffer (bytes, or a memory
-    # map of the file): no copy; ``view`` keeps it alive until op_free below.
-    view = np.frombuffer(data, dtype=np.uint8)
     err = ctypes.c_int(0)
-    ptr = ctypes.cast(view.ctypes.data, _c_ubyte_p)
-    of = _lib.op_open_memory(ptr, len(view), ctypes.byref(err))
+    reads: _FileReads | None = None
+    view: NDArray[np.uint8] | None = None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        # libopusfile reads straight from the caller's buffer: no copy; ``view``
+        # keeps it alive until op_free below.
+        view = np.frombuffer(source, dtype=np.uint8)
+        ptr = ctypes.cast(view.ctypes.data, _c_ubyte_p)
+        of = _lib.op_open_memory(ptr, len(view), ctypes.byref(err))
+    else:
+        reads = _FileReads(source)
+        of = _lib.op_open_callbacks(None, ctypes.byref(reads.callbacks), None, 0,
+                                    ctypes.byref(err))
     if not of:
-        del view  # a memory map can only be closed once no view of it is left
-        raise _op_error("op_open_memory", err.value)
+        del view  # a memoryview can only be released once no view of it is left
+        raise _op_error("op_open", err.value, reads)
     try:
         channels = int(_lib.op_channel_count(of, -1))
         input_rate = int(_lib.op_head(of, -1).contents.input_sample_rate)
@@ -427,7 +472,7 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview | mmap.mmap, *, start: 
                 logger.warning("Ogg Opus stream has a gap; decoding continues after it")
                 continue
             if n < 0:
-                raise _op_error("op_read_float", n)
+                raise _op_error("op_read_float", n, reads)
             if n == 0:
                 break
             if int(_lib.op_channel_count(of, link.value)) != channels:
@@ -441,6 +486,8 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview | mmap.mmap, *, start: 
     finally:
         _lib.op_free(of)
         del view
+    if reads is not None and reads.error is not None:
+        raise _op_error("op_read_float", 0, reads)
     if limit is not None:
         pos = min(pos, limit)
     return DecodedOpus(pcm=out[:pos], channels=channels, input_rate=input_rate)
@@ -449,11 +496,10 @@ def decode_ogg_opus(data: bytes | bytearray | memoryview | mmap.mmap, *, start: 
 def decode_ogg_opus_file(path: str | os.PathLike[str]) -> DecodedOpus:
     """Decode an Ogg Opus file from disk (see :func:`decode_ogg_opus`)."""
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return decode_ogg_opus(data)
-    except OpusError as exc:
-        raise OpusError(f"{os.fspath(path)}: {exc}") from exc
+        try:
+            return decode_ogg_opus(f)
+        except OpusError as exc:
+            raise OpusError(f"{os.fspath(path)}: {exc}") from exc
 
 
 # --- Ogg page scanning, for salvaging files cut short by a crash -----------

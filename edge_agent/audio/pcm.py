@@ -302,7 +302,9 @@ def read_wav(path: str | os.PathLike[str] | BinaryIO, *, start: int = 0,
             3.11, WAVE_FORMAT_EXTENSIBLE files).
     """
     target = _open_target(path)
-    name = target if isinstance(target, str) else getattr(target, "name", "<stream>")
+    name = target if isinstance(target, str) else getattr(target, "name", None)
+    if not isinstance(name, str):  # a stream, or a file opened from a descriptor
+        name = "<stream>"
     try:
         with wave.open(target, "rb") as w:
             channels = w.getnchannels()
