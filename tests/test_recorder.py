@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import subprocess
+import time
 import wave
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from edge_agent import (
     AudioConfig,
@@ -44,6 +46,41 @@ KEY_RE = r"^session-123/segment/[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$"
 
 # ----------------------------------------------------------------------------
 # Helpers
+
+
+@pytest.fixture
+def autojump_clock(monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """An autojumping MockClock (pytest-trio runs this module's tests on it) that
+    holds still while a worker thread runs.
+
+    Plain autojump takes waiting for a thread (the recorder writes and uploads
+    in threads) as idle and jumps to the next deadline, so a real-time-paced
+    source raced through virtual time at CPU speed for as long as the thread
+    took: on a busy machine a whole file's worth, and what a test recorded
+    depended on the machine's load.
+    """
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    threads = 0
+    jump = clock._autojump
+
+    def autojump_unless_a_thread_runs() -> None:
+        if threads:
+            time.sleep(0.0005)  # the loop has nothing to run until the thread is back
+        else:
+            jump()
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal threads
+        threads += 1
+        try:
+            return await run_sync(*args, **kwargs)
+        finally:
+            threads -= 1
+
+    run_sync = trio.to_thread.run_sync
+    monkeypatch.setattr(clock, "_autojump", autojump_unless_a_thread_runs)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return clock
 
 
 def noise(seconds: float, rate: int = RATE, channels: int = 1, seed: int = 1) -> np.ndarray:
