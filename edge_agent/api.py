@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import importlib.metadata
-import ipaddress
 import logging
 import math
 import os
@@ -84,14 +83,17 @@ from .audio.pcm import (
     wav_header,
 )
 from .audio.resample import StreamResampler
-from .config import ApiConfig, ConfigError
+from .clock import iso_utc
+from .config import ApiConfig, ConfigError, check_api_config, is_loopback, read_secret
+from .fs import write_atomic
 from .http import serve
 from .metrics import component_health, disk_free_bytes, make_registry, overall_status
 from .recorder import recording_routes
-from .ring import AudioRing, EvictedError, iso_utc
-from .spool import SegmentMeta, SegmentState, Spool, is_segment_id
+from .ring import AudioRing, EvictedError
+from .spool import Spool
 from .stt import read_transcripts
 from .supervisor import TaskStatus
+from .wire import SegmentMeta, SegmentState, is_segment_id
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -107,8 +109,6 @@ __all__ = [
     "RingPiece",
     "SegmentPiece",
     "Silence",
-    "check_api_config",
-    "is_loopback",
     "load_token",
     "open_under",
     "parse_utc",
@@ -128,6 +128,7 @@ AUDIO_FORMATS: Final = {
 }
 _EXTENSIONS: Final = {"opus": "opus", "wav": "wav", "flac": "oga", "pcm": "raw"}
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
+_TOKEN_EXPECTED: Final = "one token of 16 to 512 letters, digits or ._~+/=- on one line"
 TOKEN_FILE_NAME: Final = "api-token"
 _AUTH_REALM: Final = 'Bearer realm="edge-agent"'
 _MEDIA_PATHS: Final = frozenset({"/v1/audio", "/v1/live"})
@@ -159,39 +160,6 @@ def _version() -> str:
 # Config and token
 
 
-def is_loopback(listen: str) -> bool:
-    """Whether ``HOST:PORT`` binds only the loopback interface."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_api_config(cfg: ApiConfig) -> list[str]:
-    """Problems with an enabled ``[api]`` section (no I/O)."""
-    problems: list[str] = []
-    host, sep, port = cfg.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        problems.append(f'api.listen: expected HOST:PORT such as 127.0.0.1:8640, '
-                        f'got "{cfg.listen}"')
-    elif not cfg.token_file and not is_loopback(cfg.listen):
-        problems.append(
-            f'api.token_file: expected a token file when api.listen ("{cfg.listen}") is not '
-            "a loopback address: without one anybody on the network could listen to the mic")
-    return problems
-
-
-def _check_token(text: str, where: str) -> str:
-    token = text.strip()
-    if not _TOKEN_RE.fullmatch(token):
-        raise ConfigError([f"{where}: expected one token of 16 to 512 letters, digits or "
-                           "._~+/=- on one line"])
-    return token
-
-
 def load_token(cfg: ApiConfig, data_dir: Path) -> str:
     """The bearer token clients must send.
 
@@ -202,30 +170,19 @@ def load_token(cfg: ApiConfig, data_dir: Path) -> str:
         ConfigError: the file cannot be read or holds no usable token.
     """
     if cfg.token_file:
-        path = Path(cfg.token_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError([f"api.token_file: cannot read {path} ({reason})"]) from None
-        return _check_token(text, f"api.token_file {path}")
+        return read_secret(cfg.token_file, "api.token_file", pattern=_TOKEN_RE,
+                           expected=_TOKEN_EXPECTED)
     if not is_loopback(cfg.listen):
         raise ConfigError(check_api_config(cfg))
     path = Path(data_dir) / TOKEN_FILE_NAME
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            return _check_token(path.read_text(encoding="utf-8"), f"{path}")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600)
+        except OSError as exc:
+            raise ConfigError([f"api: cannot create the token file {path} "
+                               f"({exc.strerror})"]) from None
         log.info("api token created path=%s", path)
-        return _check_token(path.read_text(encoding="utf-8"), f"{path}")
-    except OSError as exc:
-        raise ConfigError([f"api: cannot create the token file {path} ({exc.strerror})"]) from None
+    return read_secret(path, "", pattern=_TOKEN_RE, expected=_TOKEN_EXPECTED)
 
 
 # ----------------------------------------------------------------------------

@@ -36,13 +36,11 @@ from starlette.routing import Route
 from .audio.opus import OpusError, decode_ogg_opus
 from .audio.pcm import SampleFormat, from_float32, mix_down
 from .audio.resample import StreamResampler
-from .config import DEVICE_ID_PATTERN
+from .clock import iso_utc
 from .http import serve
-from .ring import iso_utc
-from .spool import SEGMENT_ID_PATTERN
 from .store import LocalStore, store_routes
 from .supervisor import TaskStatus
-from .uploader import content_digest, parse_digest_header
+from .wire import DEVICE_ID_PATTERN, SEGMENT_ID_PATTERN, content_digest, parse_digest_header
 
 __all__ = [
     "Backend",

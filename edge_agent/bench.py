@@ -62,8 +62,8 @@ from .audio.resample import (
 from .audio.sources import Block, FileSource, SourceStats
 from .config import AgentConfig, SttConfig, validate
 from .ring import AudioRing
-from .spool import SegmentMeta, new_segment_id
-from .stt import RAW_HEADERS, SttStreamer
+from .stt import SttStreamer
+from .wire import RAW_HEADERS, SegmentMeta, new_segment_id
 
 __all__ = [
     "RESULT_KEYS",
@@ -1015,7 +1015,7 @@ def _populate_spool(root: Path, wav: Path, count: int, seconds: float) -> dict[s
 
 
 def _iso(t: float) -> str:
-    from .ring import iso_utc
+    from .clock import iso_utc
 
     return iso_utc(t)
 

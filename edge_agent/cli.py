@@ -19,6 +19,7 @@ import trio
 
 from . import config as cfgmod
 from .audio.sources import CaptureError, list_input_devices
+from .fs import write_atomic
 
 __all__ = ["main"]
 
@@ -134,7 +135,7 @@ def _config(args: argparse.Namespace) -> int:
             return 0
         if args.path.exists() and not args.force:
             raise _Fail(f"{args.path}: already exists (use --force to overwrite)")
-        cfgmod.write_atomic(args.path, text)
+        write_atomic(args.path, text)
         print(f"wrote {args.path}")
         return 0
     if action == "check":
@@ -156,7 +157,7 @@ def _config(args: argparse.Namespace) -> int:
             raise cfgmod.ConfigError(
                 [f"{args.path}: {line} (file left unchanged)" for line in exc.problems]
             ) from None
-        cfgmod.write_atomic(args.path, cfgmod.dump(raw))
+        write_atomic(args.path, cfgmod.dump(raw))
         print(f"{args.path}: updated {', '.join(a.partition('=')[0] for a in args.assignments)}")
         return 0
     raise AssertionError(action)

@@ -13,9 +13,19 @@ import ctypes.util
 import functools
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
-__all__ = ["Clock", "ManualClock", "SystemClock", "ntp_synchronized"]
+__all__ = ["Clock", "ManualClock", "SystemClock", "iso_utc", "ntp_synchronized"]
+
+
+def iso_utc(t: float) -> str:
+    """Format seconds since the Unix epoch as ISO 8601 UTC with microseconds.
+
+    Example: ``2026-11-24T05:25:08.123456Z``. Used in logs, errors and metadata so
+    every module prints times the same way.
+    """
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Clock(Protocol):

@@ -10,17 +10,21 @@ Unknown keys are errors: a typo must never be silently ignored.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import math
 import os
 import re
-import tempfile
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import tomli_w
+
+from .errors import EdgeAgentError
+from .wire import DEVICE_ID_PATTERN
 
 __all__ = [
     "AgentConfig",
@@ -41,10 +45,8 @@ __all__ = [
     "read_toml",
     "to_toml",
     "validate",
-    "write_atomic",
 ]
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -204,7 +206,7 @@ class AgentConfig(_Section):
     recordings: RecordingsConfig = msgspec.field(default_factory=RecordingsConfig)
 
 
-class ConfigError(Exception):
+class ConfigError(EdgeAgentError):
     """A config file that cannot be used; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -325,15 +327,13 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
             f"({stt.max_chunk_seconds:g}), got {stt.min_chunk_seconds:g}"
         )
     if stt.enabled:
-        from .stt import check_stt_config  # the streamer owns its protocol rules
-
         problems.extend(check_stt_config(stt))
     for section, url in (("stt", stt.url), ("upload", cfg.upload.url)):
         enabled = getattr(cfg, section).enabled
         if enabled and not re.match(r"^https?://[^/\s]+", url):
             problems.append(f'{section}.url: expected an http:// or https:// URL, got "{url}"')
     if cfg.upload.enabled and re.match(r"^https?://[^/\s]+", cfg.upload.url):
-        from .uploader import check_url_template  # the uploader owns its URL template rules
+        from .wire import check_url_template
 
         if (problem := check_url_template(cfg.upload.url)) is not None:
             problems.append(f'upload.url: {problem}, got "{cfg.upload.url}"')
@@ -341,10 +341,100 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
         problems.append("upload.enabled: expected segments.enabled = true "
                         "(the uploader sends the spooled segments)")
     if cfg.api.enabled:
-        from .api import check_api_config  # the API owns its listen/token rules
-
         problems.extend(check_api_config(cfg.api))
     return problems
+
+
+#: Sample rates the voice activity detectors take (webrtcvad's own list).
+VAD_RATES: Final = (8000, 16000, 32000, 48000)
+#: Ogg Opus bytes per byte of Opus payload, at worst (page headers, short packets).
+OGG_OVERHEAD: Final = 1.15
+
+
+def check_stt_config(cfg: SttConfig) -> list[str]:
+    """Problems with an enabled `[stt]` section that involve several keys (no I/O)."""
+    problems: list[str] = []
+    if cfg.protocol == "deepgram" and not cfg.token_file:
+        problems.append('stt.token_file: expected the file holding the Deepgram API key '
+                        'when stt.protocol = "deepgram"')
+    if cfg.chunking == "vad" and cfg.rate not in VAD_RATES:
+        rates = ", ".join(str(r) for r in VAD_RATES)
+        problems.append(f'stt.rate: expected one of {rates} when stt.chunking = "vad" '
+                        f"(rates the VAD takes), got {cfg.rate}")
+    longest = cfg.max_chunk_seconds if cfg.chunking == "vad" else cfg.chunk_seconds
+    longest_key = "stt.max_chunk_seconds" if cfg.chunking == "vad" else "stt.chunk_seconds"
+    if longest > cfg.backlog_seconds:
+        problems.append(f"stt.backlog_seconds: expected room for the longest chunk "
+                        f"({longest_key} = {longest:g}), got {cfg.backlog_seconds:g}")
+    need = math.ceil(longest * cfg.bitrate / 8 * OGG_OVERHEAD) + 4096
+    if need > cfg.backlog_bytes:
+        problems.append(f"stt.backlog_bytes: expected room for the longest chunk "
+                        f"(about {need} bytes at stt.bitrate = {cfg.bitrate}), "
+                        f"got {cfg.backlog_bytes}")
+    if cfg.backoff_initial_seconds > cfg.backoff_max_seconds:
+        problems.append(f"stt.backoff_initial_seconds: expected at most "
+                        f"stt.backoff_max_seconds ({cfg.backoff_max_seconds:g}), "
+                        f"got {cfg.backoff_initial_seconds:g}")
+    return problems
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``HOST:PORT`` binds only the loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_config(cfg: ApiConfig) -> list[str]:
+    """Problems with an enabled ``[api]`` section (no I/O)."""
+    problems: list[str] = []
+    host, sep, port = cfg.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        problems.append(f'api.listen: expected HOST:PORT such as 127.0.0.1:8640, '
+                        f'got "{cfg.listen}"')
+    elif not cfg.token_file and not is_loopback(cfg.listen):
+        problems.append(
+            f'api.token_file: expected a token file when api.listen ("{cfg.listen}") is not '
+            "a loopback address: without one anybody on the network could listen to the mic")
+    return problems
+
+
+# ----------------------------------------------------------------------------
+# Secrets
+
+
+def read_secret(path: str | os.PathLike[str], key: str, *,
+                pattern: re.Pattern[str] | None = None,
+                expected: str = "one token on one line") -> str:
+    """The one secret held in the file at ``path`` (a bearer token, an API key).
+
+    Every secret file is read here, with one error policy: `ConfigError` with one
+    line naming the config ``key``, the file and what is wrong. The secret is the
+    file's text without surrounding whitespace; it must be one word, and match
+    ``pattern`` when given (``expected`` then says what it should look like).
+    """
+    p = Path(path)
+    where = f"{key}: {p}" if key else str(p)
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: no such file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{where}: permission denied"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{where}: is a directory, expected a file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read ({exc.strerror})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{where}: cannot read (not UTF-8 text)"]) from None
+    if not text or any(ch.isspace() for ch in text) or (
+            pattern is not None and not pattern.fullmatch(text)):
+        raise ConfigError([f"{where}: expected {expected}"])
+    return text
 
 
 # ----------------------------------------------------------------------------
@@ -397,30 +487,6 @@ HEADER = (
 def dump(raw: dict[str, Any]) -> str:
     """A raw document as the text of a config file."""
     return HEADER + tomli_w.dumps(raw)
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Replace `path` with `text` so that a reader (or a power cut) sees the old
-    file or the new one, never a mix."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    mode = p.stat().st_mode & 0o7777 if p.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:

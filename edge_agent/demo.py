@@ -21,10 +21,10 @@ import trio
 from .agent import Agent
 from .api import TOKEN_FILE_NAME
 from .backend import Backend, StoredSegment, list_stored_segments, run_backend
+from .clock import iso_utc
 from .config import AgentConfig, validate
-from .ring import iso_utc
-from .spool import SegmentMeta, SegmentState
 from .stt import SttStats, Transcript
+from .wire import SegmentMeta, SegmentState
 
 __all__ = ["DemoReport", "curl_commands", "demo_config", "run_demo", "sample_path"]
 

@@ -57,19 +57,14 @@ from .audio.pcm import (
 )
 from .audio.resample import StreamResampler
 from .audio.sources import CaptureError, Source, list_input_devices, resolve_device
-from .clock import Clock, SystemClock
+from .clock import Clock, SystemClock, iso_utc
 from .config import ConfigError, validate
-from .ring import AudioRing, RingReader, iso_utc
-from .spool import (
-    GapNote,
-    SegmentMeta,
-    SegmentState,
-    Spool,
-    is_segment_id,
-    new_segment_id,
-)
+from .errors import EdgeAgentError
+from .ring import AudioRing, RingReader
+from .spool import Spool
 from .store import KeyBuilder, Store, check_key
 from .supervisor import Backoff, TaskStatus
+from .wire import GapNote, SegmentMeta, SegmentState, is_segment_id, new_segment_id
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -1207,11 +1202,11 @@ class AudioRecorder:
 # Recordings on demand in the agent
 
 
-class RecordingConflict(RuntimeError):
+class RecordingConflict(EdgeAgentError, RuntimeError):
     """The recording is not in a state that allows this (e.g. stopped twice)."""
 
 
-class RecordingLimit(RuntimeError):
+class RecordingLimit(EdgeAgentError, RuntimeError):
     """Too many recordings at once."""
 
 

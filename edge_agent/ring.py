@@ -22,13 +22,15 @@ import math
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 import trio
 from numpy.typing import DTypeLike, NDArray
+
+from .clock import iso_utc
+from .errors import EdgeAgentError
 
 __all__ = [
     "Anchor",
@@ -39,7 +41,6 @@ __all__ = [
     "ReadResult",
     "RingReader",
     "RingStats",
-    "iso_utc",
 ]
 
 # Capture formats PortAudio delivers that numpy can hold without conversion.
@@ -53,15 +54,6 @@ _MIN_BLOCK_SECONDS = 0.005
 # are printed with microsecond resolution and UTC floats carry ~0.25 us of rounding,
 # so without it a round trip through ISO 8601 could land one frame late.
 _TIME_EPSILON = 1e-6
-
-
-def iso_utc(t: float) -> str:
-    """Format seconds since the Unix epoch as ISO 8601 UTC with microseconds.
-
-    Example: ``2026-11-24T05:25:08.123456Z``. Used in logs, errors and metadata so
-    every module prints times the same way.
-    """
-    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +122,7 @@ class RingStats:
     anchors_dropped: int = 0
 
 
-class EvictedError(LookupError):
+class EvictedError(EdgeAgentError, LookupError):
     """Frames were asked for that the ring no longer holds.
 
     The message names the oldest audio still available so an operator (or an HTTP

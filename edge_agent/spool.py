@@ -65,19 +65,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import enum
 import errno
-import hashlib
 import logging
 import math
-import mmap
 import os
 import re
 import secrets
-import shutil
 import struct
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +93,16 @@ from .audio.pcm import (
     wav_header,
     wav_size_patches,
 )
-from .clock import Clock
+from .clock import Clock, iso_utc
 from .config import SegmentsConfig
-from .ring import AudioRing, RingReader, iso_utc
+from .errors import EdgeAgentError
+from .fs import FileOps
+from .ring import AudioRing, RingReader
 from .supervisor import Backoff, TaskStatus
+from .wire import ClockStepNote, GapNote, SegmentMeta, SegmentState, is_segment_id, new_segment_id
 
 __all__ = [
-    "SEGMENT_ID_PATTERN",
     "ClockStepNote",
-    "FileOps",
     "GapNote",
     "RecoveryReport",
     "SegmentMeta",
@@ -121,18 +117,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Segment ids: UTC start to the millisecond plus 8 random hex digits, e.g.
-#: ``20261124T053000.000Z-3f9a1c2b``. Safe in URLs and file names; sorting them sorts
-#: by start time, and the suffix keeps ids unique across clock steps and restarts.
-SEGMENT_ID_PATTERN: Final = r"^[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$"
-_SEGMENT_ID_RE: Final = re.compile(SEGMENT_ID_PATTERN)
-
-
-def is_segment_id(text: object) -> bool:
-    """True when `text` is a whole segment id (fullmatch: "$" alone would accept a
-    trailing newline)."""
-    return isinstance(text, str) and _SEGMENT_ID_RE.fullmatch(text) is not None
 
 _FORMATS: Final = {
     # format: (audio file name, Content-Type)
@@ -152,14 +136,6 @@ _HASH_CHUNK: Final = 1 << 20
 _META_VERSION: Final = 1
 
 
-def new_segment_id(start_ts: float) -> str:
-    """A fresh id for a segment starting at ``start_ts`` (seconds since the epoch)."""
-    ms = round(start_ts * 1000)
-    secs, millis = divmod(ms, 1000)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(secs))
-    return f"{stamp}.{millis:03d}Z-{secrets.token_hex(4)}"
-
-
 def _check_id(segment_id: str) -> None:
     if not is_segment_id(segment_id):
         raise ValueError(
@@ -169,66 +145,6 @@ def _check_id(segment_id: str) -> None:
 
 # ----------------------------------------------------------------------------
 # Metadata
-
-
-class GapNote(msgspec.Struct, frozen=True, kw_only=True):
-    """A hole in the audio: ``frame`` (into the segment) is the first frame after it."""
-
-    frame: int
-    seconds: float
-    utc: str
-    reason: str = "capture"  # "capture": the source delivered nothing; "overrun": the
-    # segmenter fell behind the ring and those frames were gone before it read them.
-
-
-class ClockStepNote(msgspec.Struct, frozen=True, kw_only=True):
-    """The wall clock jumped by ``seconds`` at ``frame`` (into the segment)."""
-
-    frame: int
-    seconds: float
-    synced: bool
-
-
-class SegmentMeta(msgspec.Struct, frozen=True, kw_only=True):
-    """One sealed segment; also the ``meta.json`` stored next to its audio.
-
-    Times: ``start_ts``/``end_ts`` are seconds since the epoch (``start_utc``/
-    ``end_utc`` the same in ISO 8601), ``end`` being the end of the last frame;
-    ``mono_start``/``mono_end`` the same span on the monotonic clock of the boot
-    that captured it. ``frames`` counts samples per channel at ``rate``.
-    """
-
-    id: str
-    device: str
-    start_utc: str
-    end_utc: str
-    start_ts: float
-    end_ts: float
-    mono_start: float
-    mono_end: float
-    frames: int
-    rate: int
-    channels: int
-    format: str
-    content_type: str
-    bytes: int
-    sha256: str
-    clock_synced: bool
-    gaps: list[GapNote] = []
-    clock_steps: list[ClockStepNote] = []
-    recovered: bool = False
-    created_at: str = ""
-    sealed_at: str = ""
-    bitrate: int | None = None
-    sample_format: str = "int16"
-    # The storage key of a named recording (POST /v1/recordings); "" for segments.
-    recording: str = ""
-    version: int = _META_VERSION
-
-    @property
-    def seconds(self) -> float:
-        """Duration of the audio held (gaps excluded)."""
-        return self.frames / self.rate if self.rate else 0.0
 
 
 class SegmentHeader(msgspec.Struct, frozen=True, kw_only=True):
@@ -250,14 +166,6 @@ class SegmentHeader(msgspec.Struct, frozen=True, kw_only=True):
     clock_steps: list[ClockStepNote] = []
     recording: str = ""
     version: int = _META_VERSION
-
-
-class SegmentState(enum.StrEnum):
-    """Where a segment is in its life."""
-
-    SEALED = "sealed"  # durable, pending upload
-    SYNCED = "synced"  # the backend has it; kept for local retrieval
-    QUARANTINED = "quarantined"  # never uploaded; reason.txt says why
 
 
 _STATE_DIRS: Final = {
@@ -311,130 +219,8 @@ class RecoveryReport:
     left_in_tmp: list[str] = field(default_factory=list)  # disk errors; retried next start
 
 
-class SpoolError(Exception):
+class SpoolError(EdgeAgentError):
     """A segment cannot be written or sealed (not a disk error: misuse or bad audio)."""
-
-
-# ----------------------------------------------------------------------------
-# File operations
-
-
-class FileOps:
-    """Every disk operation the spool performs, one method each.
-
-    The spool never touches the disk any other way, so a subclass can fail or
-    interrupt any single call (see :meth:`before`) to test crash safety.
-    """
-
-    def before(self, op: str, path: str) -> None:
-        """Called before each operation; a test subclass raises here to inject faults."""
-
-    def makedirs(self, path: Path) -> None:
-        if path.is_dir():
-            return
-        self.before("mkdir", str(path))
-        path.mkdir(parents=True, exist_ok=True)
-
-    def create(self, path: Path) -> int:
-        """Open a new (or truncated) file for writing; returns the descriptor."""
-        self.before("create", str(path))
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-
-    def open_rw(self, path: Path) -> int:
-        self.before("open", str(path))
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def write(self, fd: int, data: bytes, path: str = "") -> None:
-        """Write all of ``data`` (looping over short writes)."""
-        self.before("write", path)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-
-    def pwrite(self, fd: int, data: bytes, offset: int, path: str = "") -> None:
-        self.before("pwrite", path)
-        if os.pwrite(fd, data, offset) != len(data):
-            raise OSError(errno.EIO, f"short pwrite of {len(data)} bytes", path)
-
-    def truncate(self, fd: int, size: int, path: str = "") -> None:
-        self.before("truncate", path)
-        os.ftruncate(fd, size)
-
-    def fsync(self, fd: int, path: str = "") -> None:
-        self.before("fsync", path)
-        os.fsync(fd)
-
-    def close(self, fd: int, path: str = "") -> None:
-        self.before("close", path)
-        os.close(fd)
-
-    def fsync_dir(self, path: Path) -> None:
-        self.before("fsync_dir", str(path))
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        """Atomic rename; never replaces an existing target directory."""
-        self.before("rename", f"{src} -> {dst}")
-        if dst.exists():
-            raise FileExistsError(errno.EEXIST, "rename target exists", str(dst))
-        os.rename(src, dst)
-
-    def unlink(self, path: Path) -> None:
-        self.before("unlink", str(path))
-        path.unlink(missing_ok=True)
-
-    def rmtree(self, path: Path) -> None:
-        self.before("rmtree", str(path))
-        shutil.rmtree(path, ignore_errors=False)
-
-    def listdir(self, path: Path) -> list[str]:
-        try:
-            return sorted(os.listdir(path))
-        except FileNotFoundError:
-            return []
-
-    def exists(self, path: Path) -> bool:
-        return path.exists()
-
-    def size(self, path: Path) -> int:
-        return path.stat().st_size
-
-    def read_bytes(self, path: Path) -> bytes:
-        return path.read_bytes()
-
-    def sha256(self, path: Path) -> tuple[int, str]:
-        """Size and SHA-256 hex digest of a file, read in chunks."""
-        digest = hashlib.sha256()
-        size = 0
-        with path.open("rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-        return size, digest.hexdigest()
-
-    @contextlib.contextmanager
-    def map_file(self, path: Path) -> Iterator[memoryview]:
-        """A read-only view of a whole file without reading it into memory."""
-        with path.open("rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                yield memoryview(b"")
-                return
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                view = memoryview(m)
-                try:
-                    yield view
-                finally:
-                    view.release()
-
-    def disk_free(self, path: Path) -> int:
-        """Bytes available to this process on the file system holding ``path``."""
-        st = os.statvfs(path)
-        return st.f_bavail * st.f_frsize
 
 
 # ----------------------------------------------------------------------------

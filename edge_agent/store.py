@@ -44,11 +44,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .clock import Clock, SystemClock
-from .ring import iso_utc
-from .spool import FileOps
+from .clock import Clock, SystemClock, iso_utc
+from .errors import EdgeAgentError
+from .fs import FileOps
 from .supervisor import Backoff
-from .uploader import (
+from .wire import (
     Verdict,
     content_digest,
     idempotent_put_headers,
@@ -85,7 +85,7 @@ METADATA_HEADER = "Edge-Metadata"
 MAX_METADATA_HEADER_BYTES = 8192
 
 
-class StoreError(Exception):
+class StoreError(EdgeAgentError):
     """A store refused or failed an operation for good (the message says why)."""
 
 

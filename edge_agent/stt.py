@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import uuid
@@ -54,13 +53,13 @@ from numpy.typing import NDArray
 from .audio.opus import encode_ogg_opus
 from .audio.pcm import SampleFormat, from_float32, mix_down
 from .audio.resample import StreamResampler
-from .clock import Clock
-from .config import ConfigError, SttConfig
+from .clock import Clock, iso_utc
+from .config import ConfigError, SttConfig, check_stt_config, read_secret
 from .metrics import Histogram
-from .ring import AudioRing, RingReader, iso_utc
+from .ring import AudioRing, RingReader
 from .supervisor import Backoff, TaskStatus
-from .uploader import parse_retry_after
-from .vad import VAD_RATES, Vad, make_vad
+from .vad import Vad, make_vad
+from .wire import CHUNK_FILENAME, RAW_CONTENT_TYPE, RAW_HEADERS, parse_retry_after
 
 __all__ = [
     "CHUNK_FILENAME",
@@ -76,80 +75,20 @@ __all__ = [
     "Transcript",
     "TranscriptLog",
     "VadChunker",
-    "check_stt_config",
-    "read_stt_token",
     "read_transcripts",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The uploaded file's name: hosted APIs pick the decoder by extension and reject `.opus`.
-CHUNK_FILENAME: Final = "chunk.ogg"
-#: Content type of the `raw` protocol's body.
-RAW_CONTENT_TYPE: Final = "audio/ogg; codecs=opus"
-#: Headers of the `raw` protocol: where the chunk sits on the device's timeline.
-RAW_HEADERS: Final = {
-    "device": "X-Device-Id",  # the device id from the config
-    "stream": "X-Stream-Id",  # random hex, one per agent run
-    "sequence": "X-Sequence",  # 0, 1, 2, ... within the stream
-    "start": "X-Chunk-Start",  # UTC of the first sample, ISO 8601 with microseconds
-    "duration": "X-Chunk-Duration",  # seconds, decimal
-    "synced": "X-Clock-Synced",  # "true" when the device clock was NTP-synchronised
-}
 
 _APPLICATION: Final = "voip"  # libopus tuned for speech intelligibility
 _RETRYABLE_STATUS: Final = frozenset({408, 425, 429})
 # Reads from the ring are capped so one step never holds much audio.
 _MAX_READ_SECONDS: Final = 1.0
 # Ogg/Opus overhead on top of the bitrate, for sizing checks (pages, headers).
-_OGG_OVERHEAD: Final = 1.15
 
 
 # ----------------------------------------------------------------------------
 # Config checks
-
-
-def check_stt_config(cfg: SttConfig) -> list[str]:
-    """Problems with an enabled `[stt]` section that involve several keys (no I/O)."""
-    problems: list[str] = []
-    if cfg.protocol == "deepgram" and not cfg.token_file:
-        problems.append('stt.token_file: expected the file holding the Deepgram API key '
-                        'when stt.protocol = "deepgram"')
-    if cfg.chunking == "vad" and cfg.rate not in VAD_RATES:
-        rates = ", ".join(str(r) for r in VAD_RATES)
-        problems.append(f'stt.rate: expected one of {rates} when stt.chunking = "vad" '
-                        f"(rates the VAD takes), got {cfg.rate}")
-    longest = cfg.max_chunk_seconds if cfg.chunking == "vad" else cfg.chunk_seconds
-    longest_key = "stt.max_chunk_seconds" if cfg.chunking == "vad" else "stt.chunk_seconds"
-    if longest > cfg.backlog_seconds:
-        problems.append(f"stt.backlog_seconds: expected room for the longest chunk "
-                        f"({longest_key} = {longest:g}), got {cfg.backlog_seconds:g}")
-    need = math.ceil(longest * cfg.bitrate / 8 * _OGG_OVERHEAD) + 4096
-    if need > cfg.backlog_bytes:
-        problems.append(f"stt.backlog_bytes: expected room for the longest chunk "
-                        f"(about {need} bytes at stt.bitrate = {cfg.bitrate}), "
-                        f"got {cfg.backlog_bytes}")
-    if cfg.backoff_initial_seconds > cfg.backoff_max_seconds:
-        problems.append(f"stt.backoff_initial_seconds: expected at most "
-                        f"stt.backoff_max_seconds ({cfg.backoff_max_seconds:g}), "
-                        f"got {cfg.backoff_initial_seconds:g}")
-    return problems
-
-
-def read_stt_token(path: str) -> str:
-    """The token in `path` (one line); `ConfigError` with one clear line otherwise."""
-    p = Path(path)
-    try:
-        token = p.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError([f"stt.token_file: {p}: no such file"]) from None
-    except PermissionError:
-        raise ConfigError([f"stt.token_file: {p}: permission denied"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"stt.token_file: {p}: cannot read ({exc})"]) from None
-    if not token or any(c.isspace() for c in token):
-        raise ConfigError([f"stt.token_file: {p}: expected one token on one line"])
-    return token
 
 
 # ----------------------------------------------------------------------------
@@ -723,7 +662,8 @@ class SttStreamer:
         self.stats = SttStats()
         self.transcripts = TranscriptLog(Path(data_dir) / "transcripts", config.transcript_days)
         self.recent: deque[Transcript] = deque(maxlen=100)
-        self._token = read_stt_token(config.token_file) if config.token_file else None
+        self._token = (read_secret(config.token_file, "stt.token_file")
+                       if config.token_file else None)
         self._wire = _Wire(config, self._token, device_id, self.stream_id)
         self._transport = transport
         self._vad = vad
@@ -778,7 +718,7 @@ class SttStreamer:
         problems = check_stt_config(config)
         if problems:
             raise ConfigError(problems)
-        token = read_stt_token(config.token_file) if config.token_file else None
+        token = read_secret(config.token_file, "stt.token_file") if config.token_file else None
         self._next_config = (config, token)
         if self._run_scope is not None:
             self._run_scope.cancel()  # `run` ends the stream and applies it

@@ -27,16 +27,11 @@ supervisor's `Backoff`, whose `jitter=1.0` is exactly full jitter.
 
 from __future__ import annotations
 
-import base64
-import enum
 import logging
 import os
 import random
-import re
-import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -45,8 +40,16 @@ import httpx
 import trio
 
 from .clock import Clock, SystemClock
-from .config import UploadConfig
+from .config import UploadConfig, read_secret
 from .supervisor import Backoff, TaskStatus
+from .wire import (
+    SUCCESS_STATUS,
+    Decision,
+    Verdict,
+    check_url_template,
+    idempotent_put_headers,
+    judge_response,
+)
 
 __all__ = [
     "Decision",
@@ -56,11 +59,8 @@ __all__ = [
     "UploaderStats",
     "Verdict",
     "check_url_template",
-    "content_digest",
     "idempotent_put_headers",
     "judge_response",
-    "parse_digest_header",
-    "parse_retry_after",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,6 @@ T = TypeVar("T")
 CHUNK_BYTES = 64 * 1024
 # How much of an error response body is kept for the quarantine reason.
 EXCERPT_BYTES = 300
-# 401/403 say nothing about the segment: an expired or revoked token would
-# otherwise quarantine every new segment. Retry (health shows the error) until
-# the operator fixes the token; the audio waits on disk.
-RETRYABLE_STATUS = frozenset({401, 403, 408, 429})
-SUCCESS_STATUS = frozenset({200, 201, 204})
-ALREADY_STATUS = frozenset({409, 412})
-URL_FIELDS = frozenset({"device", "segment"})
 DEGRADED_AFTER_FAILURES = 3
 
 
@@ -117,127 +110,6 @@ class SegmentSource(Protocol):
 
 # ----------------------------------------------------------------------------
 # The protocol, without I/O
-
-
-def content_digest(sha256_hex: str) -> str:
-    """The RFC 9530 header value for a SHA-256 given in hex: `sha-256=:<base64>:`."""
-    return f"sha-256=:{base64.b64encode(bytes.fromhex(sha256_hex)).decode('ascii')}:"
-
-
-_DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9_*.-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$")
-
-
-def parse_digest_header(value: str | None) -> dict[str, bytes]:
-    """Algorithm -> digest from a `Content-Digest`/`Repr-Digest` value (an RFC 8941
-    dictionary of byte sequences); members that do not parse are skipped."""
-    out: dict[str, bytes] = {}
-    if not value:
-        return out
-    for member in value.split(","):
-        m = _DIGEST_MEMBER.match(member.split(";", 1)[0])
-        if m is None:
-            continue
-        try:
-            out[m.group(1)] = base64.b64decode(m.group(2), validate=True)
-        except ValueError:
-            continue
-    return out
-
-
-def stored_sha256(headers: Mapping[str, str]) -> str | None:
-    """The digest (hex) of the object the backend holds, from `Repr-Digest`,
-    `Content-Digest` or a strong `ETag` carrying the hex SHA-256."""
-    for name in ("repr-digest", "content-digest"):
-        digest = parse_digest_header(headers.get(name)).get("sha-256")
-        if digest is not None and len(digest) == 32:
-            return digest.hex()
-    etag = headers.get("etag", "")
-    m = re.fullmatch(r'"([0-9a-fA-F]{64})"', etag.strip())
-    return m.group(1).lower() if m else None
-
-
-def parse_retry_after(value: str | None, now_utc: float) -> float | None:
-    """Seconds to wait from a `Retry-After` value (delta seconds or an HTTP date)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now_utc)
-
-
-class Verdict(enum.Enum):
-    SYNCED = "synced"  # stored now
-    ALREADY = "already"  # the backend already held this very object
-    RETRY = "retry"  # transient: try again later
-    QUARANTINE = "quarantine"  # permanent: keep locally, never send again
-    GONE = "gone"  # the segment left the spool meanwhile (evicted): nothing to do
-
-
-@dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
-    reason: str = ""
-    retry_after: float | None = None
-
-
-def idempotent_put_headers(content_type: str, size: int, sha256_hex: str,
-                           extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Headers of an idempotent `PUT` of a body of `size` bytes with digest `sha256_hex`:
-    the digest travels with it and `If-None-Match: *` asks the server not to overwrite.
-    Shared with `store.HttpStore`, so segments and recordings use one protocol."""
-    return {
-        "Content-Type": content_type,
-        "Content-Length": str(size),
-        "Content-Digest": content_digest(sha256_hex),
-        "If-None-Match": "*",
-        **(extra or {}),
-    }
-
-
-def judge_response(
-    status: int, headers: Mapping[str, str], excerpt: str, sha256_hex: str, now_utc: float
-) -> Decision:
-    """What a response to a segment PUT means for that segment."""
-    if status in SUCCESS_STATUS:
-        return Decision(Verdict.SYNCED)
-    if status in ALREADY_STATUS:
-        theirs = stored_sha256(headers)
-        if theirs == sha256_hex.lower():
-            return Decision(Verdict.ALREADY)
-        if theirs is None:
-            return Decision(Verdict.QUARANTINE,
-                            f"status={status} backend holds this id and did not say its digest")
-        return Decision(Verdict.QUARANTINE,
-                        f"status={status} backend holds a different body under this id "
-                        f"(its sha256={theirs}, ours={sha256_hex})")
-    if status >= 500 or status in RETRYABLE_STATUS:
-        return Decision(Verdict.RETRY, f"status={status} {excerpt}".strip(),
-                        parse_retry_after(headers.get("retry-after"), now_utc))
-    return Decision(Verdict.QUARANTINE, f"status={status} body={excerpt!r}")
-
-
-def check_url_template(template: str) -> str | None:
-    """None if `template` is a usable upload URL template, else what is wrong."""
-    if not re.match(r"^https?://[^/\s{}]+", template):
-        return "expected an http:// or https:// URL"
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as exc:
-        return f"unbalanced braces ({exc})"
-    unknown = fields - URL_FIELDS
-    if unknown:
-        return (f"unknown placeholder {{{sorted(unknown)[0]}}}; "
-                "expected only {device} and {segment}")
-    if "segment" not in fields:
-        return "expected a {segment} placeholder (each segment has its own URL)"
-    return None
 
 
 # ----------------------------------------------------------------------------
@@ -371,7 +243,8 @@ class Uploader:
         """One long-lived client (connection reuse) with the token, if any."""
         headers = {"User-Agent": "edge-agent"}
         if self.config.token_file:
-            token = await self._run_blocking(_read_token, self.config.token_file)
+            token = await self._run_blocking(read_secret, self.config.token_file,
+                                             "upload.token_file")
             headers["Authorization"] = f"Bearer {token}"
         return httpx.AsyncClient(transport=self._transport, headers=headers,
                                  timeout=httpx.Timeout(self.config.timeout_seconds),
@@ -510,10 +383,3 @@ class Uploader:
 
 def _open_rb(path: Path) -> IO[bytes]:
     return path.open("rb")
-
-
-def _read_token(path: str) -> str:
-    token = Path(path).read_text(encoding="utf-8").strip()
-    if not token or any(c.isspace() for c in token):
-        raise ValueError(f"upload.token_file {path}: expected one token on one line")
-    return token

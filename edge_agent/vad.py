@@ -15,10 +15,11 @@ from typing import Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from .config import VAD_RATES
+
 __all__ = ["VAD_FRAME_MS", "VAD_RATES", "EnergyVad", "Vad", "WebRtcVad", "make_vad"]
 
 #: Sample rates the WebRTC detector accepts.
-VAD_RATES: Final = (8000, 16000, 32000, 48000)
 #: Frame lengths (ms) the WebRTC detector accepts.
 VAD_FRAME_MS: Final = (10, 20, 30)
 

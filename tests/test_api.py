@@ -40,7 +40,6 @@ from edge_agent.api import (
     SegmentUnreadable,
     _StreamResponse,
     _Unsafe,
-    check_api_config,
     decode_segment,
     load_token,
     open_under,
@@ -52,11 +51,11 @@ from edge_agent.audio.opus import decode_ogg_opus, encode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
 from edge_agent.audio.resample import resample
 from edge_agent.audio.sources import Block, SourceStats
-from edge_agent.clock import ManualClock
-from edge_agent.config import ApiConfig, ConfigError, load_config, validate
-from edge_agent.ring import AudioRing, iso_utc
-from edge_agent.spool import SegmentMeta
+from edge_agent.clock import ManualClock, iso_utc
+from edge_agent.config import ApiConfig, ConfigError, check_api_config, load_config, validate
+from edge_agent.ring import AudioRing
 from edge_agent.stt import Transcript, TranscriptLog
+from edge_agent.wire import SegmentMeta
 
 RATE = 16000
 T0 = 1_800_000_000.0  # a multiple of the segment length: segments start on it
@@ -772,7 +771,7 @@ def test_token_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_token(ApiConfig(token_file=str(weak)), tmp_path)
     assert err.value.problems[0].startswith("api.token_file")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"^api\.token_file: .*missing: no such file$"):
         load_token(ApiConfig(token_file=str(tmp_path / "missing")), tmp_path)
 
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from edge_agent.backend import Backend, list_stored_segments, run_backend
-from edge_agent.uploader import content_digest, stored_sha256
+from edge_agent.wire import content_digest, stored_sha256
 
 DEVICE = "dev-1"
 SEG = "20300101T000000.000Z-00c0ffee"

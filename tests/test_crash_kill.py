@@ -35,8 +35,9 @@ from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.demo import sample_path
-from edge_agent.spool import SegmentState, Spool
+from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
+from edge_agent.wire import SegmentState
 
 KILLS = 25
 REALTIME_RUNS = 8

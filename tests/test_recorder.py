@@ -36,9 +36,9 @@ from edge_agent import (
 from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
 from edge_agent.audio.sources import Block, FileSource, SourceStats, ToneSource
-from edge_agent.clock import SystemClock
+from edge_agent.clock import SystemClock, iso_utc
 from edge_agent.recorder import PYAUDIO_FORMATS, pcm_layout
-from edge_agent.ring import AudioRing, iso_utc
+from edge_agent.ring import AudioRing
 
 RATE = 16000
 KEY_RE = r"^session-123/segment/[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}$"

@@ -28,7 +28,8 @@ from edge_agent.audio.pcm import read_wav
 from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
-from edge_agent.spool import FileOps, Spool
+from edge_agent.fs import FileOps
+from edge_agent.spool import Spool
 
 RATE = 16000
 TOKEN = "recordings-token-0123456789"

@@ -32,18 +32,17 @@ from edge_agent.audio.opus import decode_ogg_opus_file
 from edge_agent.audio.pcm import read_wav
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
+from edge_agent.fs import FileOps
 from edge_agent.ring import AudioRing
-from edge_agent.spool import (
+from edge_agent.spool import Segmenter, Spool
+from edge_agent.supervisor import Backoff
+from edge_agent.wire import (
     SEGMENT_ID_PATTERN,
-    FileOps,
-    Segmenter,
     SegmentMeta,
     SegmentState,
-    Spool,
     is_segment_id,
     new_segment_id,
 )
-from edge_agent.supervisor import Backoff
 
 UTC0 = 1_800_000_003.0  # 3 s past a multiple of 5 s and of 60 s
 MONO0 = 1000.0

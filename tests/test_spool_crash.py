@@ -32,7 +32,9 @@ import trio.testing
 from test_spool import MONO0, FaultyOps, Kill, Rig, assert_clean, decoded_frames, signal_at
 
 from edge_agent.audio.pcm import read_wav
-from edge_agent.spool import FileOps, SegmentMeta, SegmentState, Spool
+from edge_agent.fs import FileOps
+from edge_agent.spool import Spool
+from edge_agent.wire import SegmentMeta, SegmentState
 
 RATE = 8000
 FSYNC_SECONDS = 1.0

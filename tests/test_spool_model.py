@@ -37,7 +37,8 @@ from test_spool import UTC0, FaultyOps, signal_at
 
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig
-from edge_agent.spool import SegmentState, SegmentWriter, Spool
+from edge_agent.spool import SegmentWriter, Spool
+from edge_agent.wire import SegmentState
 
 RATE = 8000
 MB = 1024 * 1024

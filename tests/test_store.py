@@ -15,7 +15,7 @@ import trio
 from edge_agent import AudioConfig, AudioRecorder, SampleFormat, SystemClock, ToneSource
 from edge_agent.audio.pcm import read_wav
 from edge_agent.backend import Backend, run_backend
-from edge_agent.spool import FileOps
+from edge_agent.fs import FileOps
 from edge_agent.store import HttpStore, KeyBuilder, LocalStore, Store, StoreError, check_key
 
 KEY = "session-123/segment/20261124T053000.000Z-3f9a1c2b"

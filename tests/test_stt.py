@@ -19,10 +19,10 @@ import trio.testing
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import read_wav
-from edge_agent.clock import ManualClock
+from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import ConfigError, SttConfig, validate
 from edge_agent.demo import sample_path
-from edge_agent.ring import AudioRing, iso_utc
+from edge_agent.ring import AudioRing
 from edge_agent.stt import (
     Backlog,
     Chunk,

@@ -16,9 +16,9 @@ import trio
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import encode_ogg_opus
 from edge_agent.backend import Backend, SttReceiver, run_backend
-from edge_agent.clock import ManualClock
+from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import validate
-from edge_agent.ring import AudioRing, iso_utc
+from edge_agent.ring import AudioRing
 from edge_agent.stt import SttStats, SttStreamer
 
 RATE = 16000

@@ -26,8 +26,8 @@ import trio.testing
 
 from edge_agent.clock import ManualClock
 from edge_agent.config import ConfigError, UploadConfig, validate
-from edge_agent.uploader import (
-    Uploader,
+from edge_agent.uploader import Uploader
+from edge_agent.wire import (
     Verdict,
     check_url_template,
     content_digest,

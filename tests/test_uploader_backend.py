@@ -27,8 +27,10 @@ from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, UploadConfig, validate
 from edge_agent.demo import run_demo
-from edge_agent.spool import FileOps, SegmentMeta, Spool
-from edge_agent.uploader import Uploader, content_digest
+from edge_agent.fs import FileOps
+from edge_agent.spool import Spool
+from edge_agent.uploader import Uploader
+from edge_agent.wire import SegmentMeta, content_digest
 
 DEVICE = "dev-7"
 RATE = 16000

@@ -15,12 +15,13 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import EdgeAgentError
 from .pcm import SampleFormat, from_float32, to_float32
 
 __all__ = ["FlacError", "OggFlacEncoder", "decode_ogg_flac"]
 
 
-class FlacError(RuntimeError):
+class FlacError(EdgeAgentError, RuntimeError):
     """libFLAC is missing, refused the settings, or could not decode a stream."""
 
 

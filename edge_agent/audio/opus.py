@@ -42,6 +42,8 @@ from pyogg import opus as _lib
 
 from edge_agent.audio.pcm import to_float32
 
+from ..errors import EdgeAgentError
+
 __all__ = [
     "APPLICATIONS",
     "DECODE_RATE",
@@ -101,7 +103,7 @@ _c_int16_p = ctypes.POINTER(ctypes.c_int16)
 _c_float_p = ctypes.POINTER(ctypes.c_float)
 
 
-class OpusError(RuntimeError):
+class OpusError(EdgeAgentError, RuntimeError):
     """A libopusenc/libopusfile call failed, or the encoder was misused."""
 
 

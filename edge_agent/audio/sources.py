@@ -32,6 +32,7 @@ import trio
 from numpy.typing import NDArray
 
 from ..clock import Clock
+from ..errors import EdgeAgentError
 from .pcm import SampleFormat, from_float32, mix_down, numpy_dtype, unpack_int24
 from .resample import StreamResampler
 
@@ -75,7 +76,7 @@ class SourceStats:
     timeline_resyncs: int = 0
 
 
-class CaptureError(Exception):
+class CaptureError(EdgeAgentError):
     """Capture cannot go on (device missing, refused settings, device lost).
 
     The message is one line meant for the person on site.
