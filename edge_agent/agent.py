@@ -26,7 +26,7 @@ from .audio.pcm import SampleFormat
 from .audio.sources import CaptureError, FileSource, SoundDeviceSource, Source, ToneSource
 from .clock import Clock, SystemClock
 from .config import AgentConfig, CaptureConfig, ConfigError, load_config
-from .recorder import AgentRecordings
+from .recordings import AgentRecordings
 from .ring import AudioRing
 from .spool import Segmenter, Spool
 from .stt import SttStreamer

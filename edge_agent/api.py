@@ -88,7 +88,7 @@ from .config import ApiConfig, ConfigError, check_api_config, is_loopback, read_
 from .fs import write_atomic
 from .http import serve
 from .metrics import component_health, disk_free_bytes, make_registry, overall_status
-from .recorder import recording_routes
+from .recordings import recording_routes
 from .ring import AudioRing, EvictedError
 from .spool import Spool
 from .stt import read_transcripts
