@@ -17,9 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from .audio.encoders import PcmLayout
-from .audio.pcm import SampleFormat
-from .config import AgentConfig, ConfigError, validate
+from ..audio.encoders import PcmLayout
+from ..audio.pcm import SampleFormat
+from ..config import AgentConfig, ConfigError, validate
 
 __all__ = [
     "PYAUDIO_FORMATS",

@@ -16,7 +16,7 @@ edge-agent grew from a recorder library whose API people already use
   spool writes them, MP3 through `lameenc` (the ``mp3`` extra).
 
 The top layer: it builds an `Agent` and may import anything below it. The
-reference's value types are in `_recorder_types` (re-exported here); the
+reference's value types are in `recorder.types`; the
 agent's recordings on demand live in the `recordings` stage package.
 """
 
@@ -36,22 +36,13 @@ from typing import Any
 
 import trio
 
-from ._recorder_types import (
-    PYAUDIO_FORMATS,
-    AudioConfig,
-    AudioFrame,
-    AudioSegment,
-    RecorderStats,
-    agent_config,
-    pcm_layout,
-)
-from .agent import Agent
-from .audio.encoders import PcmLayout
-from .audio.pcm import SampleFormat
-from .audio.sources import CaptureError, Source, list_input_devices, resolve_device
-from .blocking import ThreadRunner
-from .clock import Clock, SystemClock, iso_utc
-from .recordings import (
+from ..agent import Agent
+from ..audio.encoders import PcmLayout
+from ..audio.pcm import SampleFormat
+from ..audio.sources import CaptureError, Source, list_input_devices, resolve_device
+from ..blocking import ThreadRunner
+from ..clock import Clock, SystemClock, iso_utc
+from ..recordings import (
     FORMAT_INFO,
     AudioFormat,
     Converter,
@@ -65,10 +56,19 @@ from .recordings import (
     next_block,
     pcm_bytes,
 )
-from .ring import AudioRing
-from .store import Store
-from .supervisor import Backoff, TaskStatus
-from .wire import new_segment_id
+from ..ring import AudioRing
+from ..store import Store
+from ..supervisor import Backoff, TaskStatus
+from ..wire import new_segment_id
+from .types import (
+    PYAUDIO_FORMATS,
+    AudioConfig,
+    AudioFrame,
+    AudioSegment,
+    RecorderStats,
+    agent_config,
+    pcm_layout,
+)
 
 __all__ = [
     "PYAUDIO_FORMATS",
