@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -30,6 +30,7 @@ import trio.testing
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus_file
 from edge_agent.audio.pcm import read_wav
+from edge_agent.blocking import InlineRunner
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
 from edge_agent.fs import FileOps
@@ -43,6 +44,8 @@ from edge_agent.wire import (
     is_segment_id,
     new_segment_id,
 )
+
+T = TypeVar("T")
 
 UTC0 = 1_800_000_003.0  # 3 s past a multiple of 5 s and of 60 s
 MONO0 = 1000.0
@@ -151,12 +154,6 @@ class FaultyOps(FileOps):
                 f.write(b"\0" * zeros)
 
 
-async def inline(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking spool work in the Trio thread (deterministic under MockClock)."""
-    await trio.lowlevel.checkpoint()
-    return fn(*args)
-
-
 def signal_at(start: int, count: int, rate: int) -> np.ndarray:
     """A deterministic, non-trivial mono int16 signal for absolute frames start...start+count."""
     n = np.arange(start, start + count, dtype=np.float64)
@@ -177,7 +174,7 @@ class Rig:
         self.root = root
         self.fs = fs
         self.spool = self.new_spool()
-        self.segmenter = Segmenter(self.ring, self.spool, self.config, run_sync=inline,
+        self.segmenter = Segmenter(self.ring, self.spool, self.config, runner=InlineRunner(),
                                    backoff=Backoff(initial=1.0, maximum=4.0, jitter=0.0))
         self.utc0 = utc0
         self.t = 0.0  # seconds of timeline since utc0 (audio and holes)
@@ -299,11 +296,12 @@ async def test_stopping_in_the_middle_of_a_write_loses_no_frame(
     # must then still be written by the final seal, not skipped.
     rig = Rig(tmp_path / str(stop_after_blocks), fmt="wav")
 
-    async def thread_hop(fn: Callable[..., Any], *args: Any) -> Any:
-        await trio.sleep(0.003)  # like to_thread: cancellable until the thread starts
-        return fn(*args)
+    class ThreadHop(InlineRunner):
+        async def run(self, fn: Callable[..., T], *args: Any) -> T:
+            await trio.sleep(0.003)  # like to_thread: cancellable until the thread starts
+            return fn(*args)
 
-    rig.segmenter._run_sync = thread_hop
+    rig.segmenter.runner = ThreadHop()
     rig.segmenter.batch_seconds = 0.0  # a trip to the worker for every block
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.segmenter.run)

@@ -1,0 +1,105 @@
+"""The spool's in-memory index: which segments it holds, in which state, and sizes.
+
+Owns `SegmentIndex`: one `Entry` per segment directory (its metadata, state and
+audio bytes), the lock that orders every state change of the spool, the current
+sizes in `SpoolStats`, and the queries (`get`, `pending`, `select`). No disk and no
+Trio: the `Spool` changes the directories and then tells the index.
+
+Imports only the bottom layer (``wire``, the spool's ``model``); never agent or
+another stage.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..wire import SegmentMeta, SegmentState
+from .model import SpoolStats
+from .quota import Held
+
+__all__ = ["Entry", "SegmentIndex"]
+
+
+class Entry:
+    """One segment directory: metadata (None in quarantine when unreadable),
+    state, and the bytes of its audio."""
+
+    __slots__ = ("bytes", "meta", "state")
+
+    def __init__(self, meta: SegmentMeta | None, state: SegmentState, nbytes: int) -> None:
+        self.meta = meta
+        self.state = state
+        self.bytes = nbytes
+
+
+class SegmentIndex:
+    """Entries by segment id (or directory name in quarantine), under one lock.
+
+    ``lock`` is reentrant; callers hold it across a disk change and the matching
+    index change. The queries take it themselves.
+    """
+
+    def __init__(self, stats: SpoolStats) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.lock = threading.RLock()
+        self.stats = stats
+
+    def get(self, segment_id: str) -> tuple[SegmentMeta, SegmentState] | None:
+        """The segment's metadata and state, or None."""
+        with self.lock:
+            entry = self.entries.get(segment_id)
+            if entry is None or entry.meta is None:
+                return None
+            return entry.meta, entry.state
+
+    def pending(self) -> list[SegmentMeta]:
+        """Sealed segments not yet synced, oldest first."""
+        with self.lock:
+            metas = [e.meta for e in self.entries.values()
+                     if e.state is SegmentState.SEALED and e.meta is not None]
+        return sorted(metas, key=lambda m: m.id)
+
+    def has_pending(self) -> bool:
+        with self.lock:
+            return any(e.state is SegmentState.SEALED for e in self.entries.values())
+
+    def select(self, *, since: float | None = None, until: float | None = None,
+               state: SegmentState | None = None, limit: int | None = None,
+               newest_first: bool = True) -> list[tuple[SegmentMeta, SegmentState]]:
+        """Segments overlapping ``[since, until)`` (epoch seconds), optionally in one state."""
+        with self.lock:
+            rows = [(e.meta, e.state) for e in self.entries.values() if e.meta is not None]
+        out = [
+            (m, s) for m, s in rows
+            if (state is None or s is state)
+            and (since is None or m.end_ts > since)
+            and (until is None or m.start_ts < until)
+        ]
+        out.sort(key=lambda row: row[0].id, reverse=newest_first)
+        return out[:limit] if limit is not None else out
+
+    def held(self) -> list[Held]:
+        """Every entry as the quota sees it."""
+        with self.lock:
+            return [
+                Held(id=name, state=e.state, bytes=e.bytes,
+                     end_ts=e.meta.end_ts if e.meta is not None else None,
+                     seconds=e.meta.seconds if e.meta is not None else 0.0)
+                for name, e in self.entries.items()
+            ]
+
+    def update_sizes(self) -> None:
+        """Recount the current sizes in ``stats`` (call with the lock held)."""
+        used = pending = pending_bytes = synced = quarantined = 0
+        for e in self.entries.values():
+            used += e.bytes
+            if e.state is SegmentState.SEALED:
+                pending += 1
+                pending_bytes += e.bytes
+            elif e.state is SegmentState.SYNCED:
+                synced += 1
+            else:
+                quarantined += 1
+        s = self.stats
+        s.bytes_used, s.pending_segments, s.pending_bytes = used, pending, pending_bytes
+        s.synced_segments, s.quarantined_segments = synced, quarantined
