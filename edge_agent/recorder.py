@@ -56,7 +56,7 @@ from .audio.pcm import (
     wav_size_patches,
 )
 from .audio.resample import StreamResampler
-from .audio.sources import CaptureError, Source, list_input_devices, resolve_device
+from .capture import CaptureError, Source, list_input_devices, resolve_device
 from .clock import Clock, SystemClock, iso_utc
 from .config import ConfigError, validate
 from .errors import EdgeAgentError

@@ -117,9 +117,10 @@ class SttStreamer:
         vad: replaces the configured detector.
         idle_flush_seconds: with no new audio for this long (capture ended or
             stalled) the pending chunk is sent as it is.
-        runner: runs the blocking work (encoding chunks, writing transcripts);
-            default: one worker thread for each of the two. MockClock tests pass
-            `InlineRunner()`, since autojump counts a thread as idle.
+        runner: runs the blocking work (encoding chunks, writing transcripts),
+            both kinds when given; default: a one-thread `ThreadRunner` for each
+            kind. MockClock tests pass `InlineRunner()`, since autojump counts a
+            thread as idle.
     """
 
     def __init__(
