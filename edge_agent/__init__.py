@@ -8,7 +8,7 @@ import importlib.metadata as _metadata
 
 from .agent import Agent
 from .audio.pcm import SampleFormat
-from .audio.sources import Block, CaptureError, FileSource, SoundDeviceSource, ToneSource
+from .capture import Block, CaptureError, FileSource, SoundDeviceSource, ToneSource
 from .clock import Clock, ManualClock, SystemClock
 from .config import AgentConfig, ConfigError, load_config
 from .recorder import AudioConfig, AudioFormat, AudioFrame, AudioRecorder, AudioSegment

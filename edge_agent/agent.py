@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,9 @@ import msgspec
 import trio
 
 from .api import DeviceApi
-from .audio.pcm import SampleFormat
-from .audio.sources import CaptureError, FileSource, SoundDeviceSource, Source, ToneSource
+from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
-from .config import AgentConfig, CaptureConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, load_config
 from .recordings import AgentRecordings
 from .ring import AudioRing
 from .spool import Segmenter, Spool
@@ -34,7 +34,7 @@ from .supervisor import Backoff, Supervisor, TaskFn, TaskHealth, TaskStatus
 from .systemd import Notifier, NotifyStats, WatchdogPolicy, notify_systemd, watchdog_interval
 from .uploader import Uploader
 
-__all__ = ["Agent", "make_source"]
+__all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,6 @@ LIVE_SECTIONS = ("stt", "upload", "api")
 
 # Called with (old, new) config after a reload was accepted; may be async.
 ReloadCallback = Callable[[AgentConfig, AgentConfig], Awaitable[None] | None]
-
-
-def make_source(cfg: CaptureConfig, clock: Clock) -> Source:
-    """The capture source the config asks for."""
-    fmt = SampleFormat(cfg.format)
-    if cfg.source == "file":
-        return FileSource(
-            Path(cfg.file), cfg.rate, cfg.channels, fmt, clock,
-            block_ms=cfg.block_ms, realtime=cfg.realtime, loop=cfg.loop,
-        )
-    if cfg.source == "tone":
-        return ToneSource(
-            cfg.rate, cfg.channels, fmt, clock, block_ms=cfg.block_ms, tone_hz=cfg.tone_hz,
-            dbfs=cfg.tone_dbfs, seconds=cfg.tone_seconds, realtime=cfg.realtime,
-        )
-    return SoundDeviceSource(
-        cfg.device, cfg.rate, cfg.channels, fmt, clock, block_ms=cfg.block_ms,
-        queue_blocks=cfg.queue_blocks, stall_seconds=cfg.stall_seconds,
-    )
 
 
 class Agent:
@@ -100,7 +81,9 @@ class Agent:
         self.data_dir = Path(config.device.data_dir)
         self.capture_finished = trio.Event()
         self.ready = trio.Event()
-        self._tasks: list[tuple[str, TaskFn]] = [("capture", self._capture)]
+        self._tasks: list[tuple[str, TaskFn]] = [
+            ("capture", partial(run_capture, self.source, self.ring, self.clock,
+                                self.capture_finished))]
         self._cancel_scope: trio.CancelScope | None = None
         self._on_stop: list[Callable[[], Any]] = []
         # The durable spool: the segmenter recovers it before it reports ready.
@@ -272,13 +255,3 @@ class Agent:
                                  stats=self.notify_stats)
         finally:
             notifier.close()
-
-    async def _capture(self, task_status: TaskStatus) -> None:
-        """Move blocks from the source into the ring until the source ends."""
-        ring, clock = self.ring, self.clock
-        async with self.source.open() as blocks:
-            task_status.started()
-            async for block in blocks:
-                ring.write(block.frames, utc=block.utc, mono=block.mono, synced=clock.synced())
-        self.capture_finished.set()
-        log.info("capture finished frames=%d", ring.head)

@@ -59,7 +59,7 @@ from .audio.resample import (
     linear_interpolation,
     resample,
 )
-from .audio.sources import Block, FileSource, SourceStats
+from .capture import Block, FileSource, SourceStats
 from .config import AgentConfig, SttConfig, validate
 from .ring import AudioRing
 from .stt import SttStreamer

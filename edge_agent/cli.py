@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from . import config as cfgmod
-from .audio.sources import CaptureError, list_input_devices
+from .capture import CaptureError, list_input_devices
 from .fs import write_atomic
 
 __all__ = ["main"]
@@ -177,9 +177,9 @@ def _devices() -> int:
 
 
 def _levels(path: Path | None, device: str | None, seconds: float) -> int:
-    from .agent import make_source
+    from .capture import make_source
+    from .capture.levels import GOOD_PEAK_HIGH, GOOD_PEAK_LOW, LevelMeter, run_levels
     from .clock import SystemClock
-    from .levels import GOOD_PEAK_HIGH, GOOD_PEAK_LOW, LevelMeter, run_levels
 
     if not seconds >= 0:
         raise _Fail(f"--seconds {seconds:g}: expected a number of seconds, 0 or more")

@@ -23,6 +23,11 @@ of the exponential delay (not full jitter), draws it from the global `random`
 module (no injectable RNG for exact MockClock tests) and a `Retry-After` can
 only replace its delay, not bound it from below. The loop reuses the
 supervisor's `Backoff`, whose `jitter=1.0` is exactly full jitter.
+
+Owns `Uploader`, `UploaderStats` and the Protocols of what it reads of the
+spool (`SegmentInfo`, `SegmentSource`): the agent passes the real spool in. A
+stage: imports only the bottom layer (`wire`, `config`, `blocking`, ...); never
+agent, another stage (not even spool), metrics or api.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol
 from urllib.parse import quote
 
 import httpx
 import trio
 
+from .blocking import ThreadRunner
 from .clock import Clock, SystemClock
 from .config import UploadConfig, read_secret
 from .supervisor import Backoff, TaskStatus
@@ -64,8 +70,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Bytes read from the segment file per chunk of the request body.
 CHUNK_BYTES = 64 * 1024
@@ -109,10 +113,6 @@ class SegmentSource(Protocol):
 
 
 # ----------------------------------------------------------------------------
-# The protocol, without I/O
-
-
-# ----------------------------------------------------------------------------
 # The task
 
 
@@ -141,9 +141,6 @@ class _Gone(Exception):
     """The segment left the spool while we worked on it (evicted, quarantined)."""
 
 
-BlockingRunner = Callable[..., Awaitable[Any]]
-
-
 class Uploader:
     """Drains sealed segments from `spool` to the backend at `config.url`.
 
@@ -154,8 +151,8 @@ class Uploader:
         clock: wall-clock UTC, for `Retry-After` dates.
         rng: randomness for the backoff jitter (inject for exact tests).
         transport: an httpx transport (tests pass `httpx.MockTransport`).
-        run_blocking: how disk work runs off the event loop; the default is a
-            worker thread under a one-slot `CapacityLimiter`.
+        runner: how disk work runs off the event loop; the default is one
+            worker thread at a time. MockClock tests pass `InlineRunner()`.
     """
 
     def __init__(
@@ -167,7 +164,7 @@ class Uploader:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        run_blocking: BlockingRunner | None = None,
+        runner: ThreadRunner | None = None,
     ) -> None:
         problem = check_url_template(config.url)
         if problem is not None:
@@ -182,11 +179,7 @@ class Uploader:
         self.stats = UploaderStats()
         self._transport = transport
         self._reopen = False
-        self._limiter = trio.CapacityLimiter(1)
-        self._run_blocking = run_blocking or self._in_thread
-
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        self._runner = runner or ThreadRunner(1)
 
     def segment_url(self, segment_id: str) -> str:
         return self.config.url.format(device=quote(self.device, safe=""),
@@ -243,7 +236,7 @@ class Uploader:
         """One long-lived client (connection reuse) with the token, if any."""
         headers = {"User-Agent": "edge-agent"}
         if self.config.token_file:
-            token = await self._run_blocking(read_secret, self.config.token_file,
+            token = await self._runner.run(read_secret, self.config.token_file,
                                              "upload.token_file")
             headers["Authorization"] = f"Bearer {token}"
         return httpx.AsyncClient(transport=self._transport, headers=headers,
@@ -273,7 +266,7 @@ class Uploader:
         st = self.stats
         try:
             try:
-                intact = await self._run_blocking(self.spool.verify, meta.id)
+                intact = await self._runner.run(self.spool.verify, meta.id)
             except KeyError:  # no longer held
                 raise _Gone(meta.id) from None
             if not intact:
@@ -283,7 +276,7 @@ class Uploader:
                                                     "(bit rot or truncation)")
             decision = await self._put(client, meta)
             if decision.verdict in (Verdict.SYNCED, Verdict.ALREADY):
-                await self._run_blocking(self.spool.mark_synced, meta.id)
+                await self._runner.run(self.spool.mark_synced, meta.id)
                 st.consecutive_failures = 0
                 st.last_success_at = trio.current_time()
                 if decision.verdict is Verdict.SYNCED:
@@ -320,7 +313,7 @@ class Uploader:
         return Decision(Verdict.RETRY, reason, retry_after)
 
     async def _quarantine(self, meta: SegmentInfo, reason: str) -> Decision:
-        await self._run_blocking(self.spool.quarantine, meta.id, reason)
+        await self._runner.run(self.spool.quarantine, meta.id, reason)
         self.stats.quarantined += 1
         log.error("segment quarantined id=%s reason=%r", meta.id, reason)
         return Decision(Verdict.QUARANTINE, reason)
@@ -328,7 +321,7 @@ class Uploader:
     async def _put(self, client: httpx.AsyncClient, meta: SegmentInfo) -> Decision:
         """One PUT of the segment file; transport trouble becomes a RETRY decision."""
         try:
-            f: IO[bytes] = await self._run_blocking(_open_rb, self.spool.audio_path(meta.id))
+            f: IO[bytes] = await self._runner.run(_open_rb, self.spool.audio_path(meta.id))
         except (KeyError, FileNotFoundError):  # evicted or moved meanwhile
             raise _Gone(meta.id) from None
         try:
@@ -371,7 +364,7 @@ class Uploader:
         start = trio.current_time()
         sent = 0
         while sent < size:
-            data: bytes = await self._run_blocking(f.read, min(chunk, size - sent))
+            data: bytes = await self._runner.run(f.read, min(chunk, size - sent))
             if not data:
                 raise OSError(f"segment file shrank during upload at byte {sent} of {size}")
             sent += len(data)

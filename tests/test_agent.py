@@ -16,7 +16,7 @@ import trio.testing
 
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus_file
-from edge_agent.audio.sources import Block, CaptureError, SourceStats
+from edge_agent.capture import Block, CaptureError, SourceStats
 from edge_agent.clock import ManualClock
 from edge_agent.config import validate
 from edge_agent.demo import run_demo

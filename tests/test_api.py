@@ -50,7 +50,7 @@ from edge_agent.audio.flac import OggFlacEncoder, decode_ogg_flac
 from edge_agent.audio.opus import decode_ogg_opus, encode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
 from edge_agent.audio.resample import resample
-from edge_agent.audio.sources import Block, SourceStats
+from edge_agent.capture import Block, SourceStats
 from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import ApiConfig, ConfigError, check_api_config, load_config, validate
 from edge_agent.ring import AudioRing

@@ -32,11 +32,11 @@ import trio
 from edge_agent.agent import Agent
 from edge_agent.audio.pcm import SampleFormat, levels, read_wav, write_wav
 from edge_agent.audio.resample import StreamResampler
-from edge_agent.audio.sources import SoundDeviceSource, list_input_devices
+from edge_agent.capture import SoundDeviceSource, list_input_devices
+from edge_agent.capture.levels import run_levels
 from edge_agent.clock import SystemClock
 from edge_agent.config import validate
 from edge_agent.demo import sample_path
-from edge_agent.levels import run_levels
 from edge_agent.supervisor import Backoff
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from edge_agent.agent import Agent
-from edge_agent.audio.sources import CaptureTimeline
+from edge_agent.capture import CaptureTimeline
 from edge_agent.clock import ManualClock
 from edge_agent.config import validate
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from edge_agent.audio.pcm import SampleFormat, levels, read_wav
-from edge_agent.audio.sources import FileSource, ToneSource
+from edge_agent.capture import FileSource, ToneSource
+from edge_agent.capture.levels import LevelMeter, LevelReading, render, run_levels
 from edge_agent.cli import main
 from edge_agent.clock import ManualClock
 from edge_agent.demo import sample_path
-from edge_agent.levels import LevelMeter, LevelReading, render, run_levels
 
 
 def tone_file(tmp_path: Path, dbfs: float) -> Path:

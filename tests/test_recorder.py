@@ -35,7 +35,7 @@ from edge_agent import (
 )
 from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
-from edge_agent.audio.sources import Block, FileSource, SourceStats, ToneSource
+from edge_agent.capture import Block, FileSource, SourceStats, ToneSource
 from edge_agent.clock import SystemClock, iso_utc
 from edge_agent.recorder import PYAUDIO_FORMATS, pcm_layout
 from edge_agent.ring import AudioRing

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from edge_agent import AudioConfig, AudioRecorder, CaptureError, LocalStore
-from edge_agent.audio.sources import list_input_devices
+from edge_agent.capture import list_input_devices
 
 RATE = 16000
 DEVICE = "edge_recorder_mic"

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from edge_agent.audio.pcm import SampleFormat, levels, write_wav
-from edge_agent.audio.sources import (
+from edge_agent.capture import (
     Block,
     CaptureError,
     DeviceInfo,

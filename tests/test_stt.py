@@ -19,6 +19,7 @@ import trio.testing
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import read_wav
+from edge_agent.blocking import InlineRunner
 from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import ConfigError, SttConfig, validate
 from edge_agent.demo import sample_path
@@ -33,7 +34,7 @@ from edge_agent.stt import (
     VadChunker,
     read_transcripts,
 )
-from edge_agent.vad import EnergyVad, WebRtcVad
+from edge_agent.stt.vad import EnergyVad, WebRtcVad
 
 RATE = 16000
 
@@ -209,11 +210,6 @@ class NoJitter(random.Random):
         return 0.0
 
 
-async def inline(fn: Callable[[], Any], limiter: trio.CapacityLimiter) -> Any:
-    await trio.lowlevel.checkpoint()
-    return fn()
-
-
 Handler = Callable[[httpx.Request], Any]
 
 
@@ -222,7 +218,7 @@ def streamer(tmp_path: Path, cfg: SttConfig, handler: Handler,
     ring = ring or AudioRing(rate=RATE, channels=1, dtype="int16", seconds=60)
     return SttStreamer(cfg, ring, device_id="dev-1", data_dir=tmp_path, clock=ManualClock(),
                        transport=httpx.MockTransport(handler), rng=NoJitter(),
-                       run_blocking=inline)
+                       runner=InlineRunner())
 
 
 def write_seconds(s: SttStreamer, seconds: float, at: float = 0.0) -> None:

@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 
+from edge_agent.blocking import InlineRunner
 from edge_agent.clock import ManualClock
 from edge_agent.config import ConfigError, UploadConfig, validate
 from edge_agent.uploader import Uploader
@@ -158,11 +159,6 @@ class FakeBackend:
         return [s.at for s in self.seen]
 
 
-async def inline(fn: Callable[..., Any], *args: Any) -> Any:
-    """Disk work done synchronously: a worker thread would let autojump skip ahead."""
-    return fn(*args)
-
-
 def make(spool: FakeSpool, backend: FakeBackend, *, seed: int = 7,
          clock: ManualClock | None = None, **cfg: Any) -> Uploader:
     config = UploadConfig(enabled=True, url=URL, **{
@@ -170,7 +166,7 @@ def make(spool: FakeSpool, backend: FakeBackend, *, seed: int = 7,
         **cfg})
     return Uploader(config, DEVICE, spool, clock=clock or ManualClock(),
                     rng=random.Random(seed), transport=httpx.MockTransport(backend),
-                    run_blocking=inline)
+                    runner=InlineRunner())
 
 
 def expected_delays(seed: int, n: int, initial: float = 1.0, cap: float = 60.0) -> list[float]:
@@ -273,7 +269,7 @@ async def test_a_seal_in_the_real_spool_wakes_the_uploader_at_once(
 
     spool, backend = open_spool(tmp_path / "spool"), FakeBackend()
     up = Uploader(UploadConfig(enabled=True, url=URL), DEVICE, spool,
-                  transport=httpx.MockTransport(backend), run_blocking=inline)
+                  transport=httpx.MockTransport(backend), runner=InlineRunner())
     async with trio.open_nursery() as nursery:
         await nursery.start(up.run)
         await trio.sleep(600)

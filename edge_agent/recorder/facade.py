@@ -39,8 +39,8 @@ import trio
 from ..agent import Agent
 from ..audio.encoders import PcmLayout
 from ..audio.pcm import SampleFormat
-from ..audio.sources import CaptureError, Source, list_input_devices, resolve_device
 from ..blocking import ThreadRunner
+from ..capture import CaptureError, Source, list_input_devices, resolve_device
 from ..clock import Clock, SystemClock, iso_utc
 from ..recordings import (
     FORMAT_INFO,

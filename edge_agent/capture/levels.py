@@ -5,6 +5,11 @@ turns the capture gain (alsamixer, or the profile's hint) until speech peaks wel
 below full scale without clipping. Readings are RMS and peak in dBFS over short
 windows of captured audio, so the meter is exact for generated and file sources
 too (which is how it is tested).
+
+Owns `LevelMeter` (synchronous: blocks in, readings out), `render` and
+`run_levels` (meters a source). Part of the `capture` stage. Imports only the
+bottom layer (`audio`) and its sibling `source`; never agent, another stage,
+metrics or api.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Any, TextIO
 import numpy as np
 from numpy.typing import NDArray
 
-from .audio.pcm import DB_FLOOR, levels
-from .audio.sources import Source
+from ..audio.pcm import DB_FLOOR, levels
+from .source import Source
 
 __all__ = ["LevelMeter", "LevelReading", "LevelSummary", "render", "run_levels"]
 

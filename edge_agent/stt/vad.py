@@ -5,6 +5,9 @@ so the detector is a clean swap: `WebRtcVad` (Google's WebRTC GMM detector, a
 small C library with arm64 wheels) is the default, `EnergyVad` is a plain level
 threshold for quiet rooms and tests. Both are synchronous and cheap (microseconds
 per frame), so they run inline on the Trio thread.
+
+Part of the `stt` stage. Imports only the bottom layer (`config`); never agent,
+another stage, metrics or api.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from typing import Any, Final, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .config import VAD_RATES
+from ..config import VAD_RATES
 
 __all__ = ["VAD_FRAME_MS", "VAD_RATES", "EnergyVad", "Vad", "WebRtcVad", "make_vad"]
 
-#: Sample rates the WebRTC detector accepts.
+# VAD_RATES (from config): sample rates the WebRTC detector accepts.
 #: Frame lengths (ms) the WebRTC detector accepts.
 VAD_FRAME_MS: Final = (10, 20, 30)
 

@@ -1,16 +1,13 @@
-"""Capture sources: where PCM blocks come from, each with its capture time.
-
-A `Source` is opened as an async context manager that yields an async iterator of
-`Block`s in the capture format (rate, channels, sample format from the config).
-The capture task in `agent.py` writes them to the ring. Three sources:
-
-- `SoundDeviceSource`: a microphone through PortAudio (sounddevice).
-- `FileSource`: a WAV file, paced at real time or as fast as possible.
-- `ToneSource`: a sine, for demos and tests.
+"""A microphone through PortAudio (sounddevice): `SoundDeviceSource`, the device
+list (`list_input_devices`, `resolve_device`) and the capture timeline that
+stamps each block (`CaptureTimeline`).
 
 The PortAudio callback runs on PortAudio's real-time thread, so it only copies
 the block into a bounded deque and wakes Trio with `run_sync_soon`; it never
 blocks, logs, or waits for Trio.
+
+Part of the `capture` stage. Imports only the bottom layer (`audio`, `clock`)
+and its sibling `source`; never agent, another stage, metrics or api.
 """
 
 from __future__ import annotations
@@ -18,241 +15,28 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import threading
-import wave
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import trio
 from numpy.typing import NDArray
 
+from ..audio.pcm import SampleFormat, numpy_dtype
 from ..clock import Clock
-from ..errors import EdgeAgentError
-from .pcm import SampleFormat, from_float32, mix_down, numpy_dtype, unpack_int24
-from .resample import StreamResampler
+from .source import Block, CaptureError, SourceStats
 
 __all__ = [
-    "Block",
-    "CaptureError",
     "CaptureTimeline",
     "DeviceInfo",
-    "FileSource",
     "SoundDeviceSource",
-    "Source",
-    "SourceStats",
-    "ToneSource",
     "list_input_devices",
     "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Frames shaped (n, channels) in the capture format; times are of frame 0."""
-
-    frames: NDArray[Any]
-    utc: float
-    mono: float
-
-
-@dataclass
-class SourceStats:
-    """Counters a source keeps for health and metrics."""
-
-    blocks: int = 0
-    frames: int = 0
-    input_overflows: int = 0
-    # Blocks the callback had to drop because Trio did not drain the queue in time.
-    queue_drops: int = 0
-    opens: int = 0
-    # Times the capture timeline jumped to the device's clock (after an overflow).
-    timeline_resyncs: int = 0
-
-
-class CaptureError(EdgeAgentError):
-    """Capture cannot go on (device missing, refused settings, device lost).
-
-    The message is one line meant for the person on site.
-    """
-
-
-class Source(Protocol):
-    rate: int
-    channels: int
-    format: SampleFormat
-    stats: SourceStats
-
-    def open(self) -> Any:
-        """An async context manager yielding an `AsyncIterator[Block]`."""
-        ...
-
-
-# ----------------------------------------------------------------------------
-# Synthetic and file sources
-
-
-class _Pacer:
-    """Timestamps and (optionally) real-time pacing for generated audio.
-
-    Timestamps follow the sample count from the moment of opening, so a source
-    run as fast as possible yields a consistent virtual timeline.
-    """
-
-    def __init__(self, clock: Clock, rate: int, realtime: bool) -> None:
-        self.clock = clock
-        self.rate = rate
-        self.realtime = realtime
-        self.utc0 = clock.utc()
-        self.mono0 = clock.mono()
-        self.trio0 = trio.current_time()
-        self.position = 0
-
-    async def stamp(self, frames: int) -> tuple[float, float]:
-        """Times of the next block; in real-time mode wait until it is 'captured'.
-
-        The monotonic time follows the sample count; UTC is that plus the wall
-        clock's offset *now*, so a wall-clock step (NTP) shows in the stamps as it
-        would with a real device, while the sample timeline stays continuous.
-        """
-        offset = self.position / self.rate
-        self.position += frames
-        if self.realtime:
-            await trio.sleep_until(self.trio0 + self.position / self.rate)
-        else:
-            await trio.lowlevel.checkpoint()
-        step = (self.clock.utc() - self.clock.mono()) - (self.utc0 - self.mono0)
-        return self.utc0 + offset + step, self.mono0 + offset
-
-
-@dataclass
-class ToneSource:
-    """A sine wave at `tone_hz` and `dbfs`, forever or for `seconds`."""
-
-    rate: int
-    channels: int
-    format: SampleFormat
-    clock: Clock
-    block_ms: int = 20
-    tone_hz: float = 440.0
-    dbfs: float = -20.0
-    seconds: float = 0.0
-    realtime: bool = True
-    stats: SourceStats = field(default_factory=SourceStats)
-
-    @asynccontextmanager
-    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        self.stats.opens += 1
-        yield self._blocks()
-
-    async def _blocks(self) -> AsyncIterator[Block]:
-        pacer = _Pacer(self.clock, self.rate, self.realtime)
-        block = max(1, self.rate * self.block_ms // 1000)
-        total = round(self.seconds * self.rate) if self.seconds > 0 else None
-        amplitude = 10 ** (self.dbfs / 20)
-        step = 2 * math.pi * self.tone_hz / self.rate
-        while total is None or pacer.position < total:
-            n = block if total is None else min(block, total - pacer.position)
-            phase = step * (pacer.position + np.arange(n))
-            mono = (amplitude * np.sin(phase)).astype(np.float32)
-            frames = from_float32(np.repeat(mono[:, None], self.channels, axis=1), self.format)
-            utc, mono_t = await pacer.stamp(n)
-            self.stats.blocks += 1
-            self.stats.frames += n
-            yield Block(frames, utc, mono_t)
-
-
-@dataclass
-class FileSource:
-    """A WAV file delivered in capture blocks, converted to the capture format.
-
-    The file is read block by block (memory does not depend on its length) and
-    resampled with libsamplerate when its rate differs from the capture rate.
-    """
-
-    path: Path
-    rate: int
-    channels: int
-    format: SampleFormat
-    clock: Clock
-    block_ms: int = 20
-    realtime: bool = True
-    loop: bool = False
-    stats: SourceStats = field(default_factory=SourceStats)
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        self.describe()  # fail early, with the reason, on a file we cannot read
-
-    def describe(self) -> tuple[int, int, int]:
-        """(rate, channels, bytes per sample) of the file; CaptureError if unusable."""
-        try:
-            with wave.open(str(self.path), "rb") as w:
-                params = w.getparams()
-        except FileNotFoundError:
-            raise CaptureError(f"{self.path}: no such file") from None
-        except (wave.Error, EOFError, OSError) as exc:
-            raise CaptureError(f"{self.path}: not a PCM WAV file ({exc})") from None
-        if params.sampwidth not in (2, 3, 4) or params.comptype != "NONE":
-            raise CaptureError(
-                f"{self.path}: unsupported WAV sample width {8 * params.sampwidth} bits; "
-                "expected 16, 24 or 32-bit PCM"
-            )
-        return params.framerate, params.nchannels, params.sampwidth
-
-    @asynccontextmanager
-    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        self.stats.opens += 1
-        yield self._blocks()
-
-    async def _blocks(self) -> AsyncIterator[Block]:
-        file_rate, file_channels, width = self.describe()
-        pacer = _Pacer(self.clock, self.rate, self.realtime)
-        in_block = max(1, file_rate * self.block_ms // 1000)
-        resampler = (
-            StreamResampler(file_rate, self.rate, self.channels) if file_rate != self.rate else None
-        )
-        while True:
-            with wave.open(str(self.path), "rb") as w:
-                while raw := w.readframes(in_block):
-                    block = self._convert(raw, width, file_channels, resampler)
-                    if len(block):
-                        yield await self._stamped(pacer, block)
-            if not self.loop:
-                break
-        if resampler is not None:
-            tail = resampler.flush()
-            if len(tail):
-                yield await self._stamped(pacer, from_float32(tail, self.format))
-
-    def _convert(
-        self, raw: bytes, width: int, file_channels: int, resampler: StreamResampler | None
-    ) -> NDArray[Any]:
-        if width == 3:
-            samples: NDArray[Any] = unpack_int24(raw, file_channels)
-        else:
-            dtype = np.dtype("<i2") if width == 2 else np.dtype("<i4")
-            samples = np.frombuffer(raw, dtype=dtype).reshape(-1, file_channels)
-        mixed = mix_down(samples, self.channels)
-        if resampler is not None:
-            mixed = resampler.process(mixed)
-        return from_float32(mixed, self.format)
-
-    async def _stamped(self, pacer: _Pacer, frames: NDArray[Any]) -> Block:
-        utc, mono = await pacer.stamp(len(frames))
-        self.stats.blocks += 1
-        self.stats.frames += len(frames)
-        return Block(frames, utc, mono)
-
-
-# ----------------------------------------------------------------------------
-# PortAudio
 
 
 @dataclass(frozen=True)
