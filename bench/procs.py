@@ -80,7 +80,7 @@ def run_tool(argv: list[str]) -> float:
 def serve_backend(data_dir: Path) -> None:
     """Child process: serve the reference backend (no speech recognition: it
     decodes each STT chunk and answers with its duration) until stdin closes."""
-    from edge_agent.backend import Backend, SttReceiver, run_backend
+    from edge_agent.reference import Backend, SttReceiver, run_backend
 
     async def serve() -> None:
         backend = Backend(data_dir, stt=SttReceiver(recognise=False))
