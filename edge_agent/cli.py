@@ -217,7 +217,7 @@ def _run(path: Path) -> int:
 
 
 def _backend(listen: str, data_dir: Path) -> int:
-    from .backend import Backend, run_backend
+    from .reference import Backend, run_backend
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:

@@ -20,9 +20,9 @@ import trio
 
 from .agent import Agent
 from .api import TOKEN_FILE_NAME
-from .backend import Backend, StoredSegment, list_stored_segments, run_backend
 from .clock import iso_utc
 from .config import AgentConfig, validate
+from .reference import Backend, StoredSegment, list_stored_segments, run_backend
 from .stt import SttStats, Transcript
 from .wire import SegmentMeta, SegmentState
 

@@ -160,9 +160,9 @@ def _percentile(values: list[float], q: float) -> float:
 @pytest.mark.slow
 async def test_load(tmp_path: Path) -> None:
     from edge_agent.agent import Agent
-    from edge_agent.backend import Backend, SttReceiver, run_backend
     from edge_agent.config import validate
     from edge_agent.demo import sample_path
+    from edge_agent.reference import Backend, SttReceiver, run_backend
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

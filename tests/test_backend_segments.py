@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from faults import Faults, run_backend
 
-from edge_agent.backend import Backend, list_stored_segments, run_backend
+from edge_agent.reference import Backend, list_stored_segments
 from edge_agent.wire import content_digest, stored_sha256
 
 DEVICE = "dev-1"
@@ -28,7 +29,7 @@ def headers(body: bytes, **extra: str) -> dict[str, str]:
 
 @pytest.fixture
 async def served(tmp_path: Path, nursery: trio.Nursery) -> tuple[Backend, str]:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     url = await nursery.start(run_backend, backend)
     return backend, url
 
@@ -185,12 +186,12 @@ async def test_down_refuses_connections_then_comes_back_on_the_same_port(
 ) -> None:
     backend, base = served
     backend.faults.down = True
-    await until(lambda: not backend.listening)
+    await until(lambda: not backend.faults.listening)
     async with httpx.AsyncClient() as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{base}/healthz")
         backend.faults.down = False
-        await until(lambda: backend.listening)
+        await until(lambda: backend.faults.listening)
         assert (await client.get(f"{base}/healthz")).status_code == 200
 
 

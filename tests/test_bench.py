@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bench import RESULT_KEYS, SCHEMA_VERSION, main
+from bench import RESULT_KEYS, SCHEMA_VERSION, main
 
 needs_tools = pytest.mark.skipif(
     shutil.which("opusenc") is None or shutil.which("sox") is None,
@@ -38,9 +38,9 @@ def _numbers(node: Any) -> list[float]:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent.bench", "--tiny", "--profile",
+        [sys.executable, "-m", "bench", "--tiny", "--profile",
          "--results", str(out / "results.json"), "--report", str(out / "docs" / "benchmarks.md")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

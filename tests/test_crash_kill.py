@@ -29,12 +29,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from faults import Faults, run_backend
 
 from edge_agent.audio.opus import decode_ogg_opus, decode_ogg_opus_file, last_complete_page_end
-from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.demo import sample_path
+from edge_agent.reference import Backend, list_stored_segments
 from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
 from edge_agent.wire import SegmentState
@@ -116,7 +117,7 @@ def salvageable_frames(data: bytes) -> int:
 async def test_kill_9_at_random_moments_loses_nothing_sealed(
     tmp_path: Path, nursery: trio.Nursery,
 ) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.faults.delay_seconds = 0.02  # widen the window in which uploads are cut
     base = await nursery.start(run_backend, backend)
     data_dir = tmp_path / "agent"

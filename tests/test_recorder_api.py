@@ -25,10 +25,10 @@ from test_recorder import FastSource
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus_file
 from edge_agent.audio.pcm import read_wav
-from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
 from edge_agent.fs import FileOps
+from edge_agent.reference import Backend, list_stored_segments, run_backend
 from edge_agent.spool import Spool
 
 RATE = 16000

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import trio
+from faults import Faults, run_backend
 
 from edge_agent import AudioConfig, AudioRecorder, SampleFormat, SystemClock, ToneSource
 from edge_agent.audio.pcm import read_wav
-from edge_agent.backend import Backend, run_backend
 from edge_agent.fs import FileOps
+from edge_agent.reference import Backend
 from edge_agent.store import HttpStore, KeyBuilder, LocalStore, Store, StoreError, check_key
 
 KEY = "session-123/segment/20261124T053000.000Z-3f9a1c2b"
@@ -131,7 +132,7 @@ async def test_a_crash_mid_upload_never_shows_a_partial_object(tmp_path: Path) -
 
 
 async def with_backend(tmp_path: Path, fn: Any, **store_kw: Any) -> Backend:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     async with trio.open_nursery() as nursery:
         url = await nursery.start(run_backend, backend, "127.0.0.1:0")
         store = HttpStore(f"{url}/v1/objects", backoff_initial=0.01, backoff_max=0.05,

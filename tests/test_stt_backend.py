@@ -12,12 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import trio
+from faults import Faults, run_backend
 
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import encode_ogg_opus
-from edge_agent.backend import Backend, SttReceiver, run_backend
 from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import validate
+from edge_agent.reference import Backend, SttReceiver
 from edge_agent.ring import AudioRing
 from edge_agent.stt import SttStats, SttStreamer
 
@@ -37,7 +38,7 @@ def tone(seconds: float) -> np.ndarray:
 
 async def test_three_protocols_field_by_field(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("tok-123\n")
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False, token="tok-123")
     async with trio.open_nursery() as nursery:
         base = await nursery.start(run_backend, backend)
@@ -93,7 +94,7 @@ async def test_three_protocols_field_by_field(tmp_path: Path) -> None:
 
 
 async def test_the_reference_server_refuses_what_real_services_refuse(tmp_path: Path) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False, token="t")
     ogg = encode_ogg_opus(tone(0.5), RATE, bitrate=24000, application="voip")
     good = {"X-Device-Id": "d", "X-Stream-Id": "s", "X-Sequence": "0",
@@ -180,7 +181,7 @@ class Run:
 
 @pytest.mark.slow
 async def test_stt_down_then_back(tmp_path: Path) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False)
     async with trio.open_nursery() as nursery:
         base = await nursery.start(run_backend, backend)
@@ -203,7 +204,7 @@ async def test_stt_down_then_back(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_a_503_storm_with_retry_after(tmp_path: Path) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False)
     backend.faults.retry_after = 1
     async with trio.open_nursery() as nursery:
@@ -224,7 +225,7 @@ async def test_a_503_storm_with_retry_after(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_a_slow_endpoint_times_out_then_recovers(tmp_path: Path) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False)
     async with trio.open_nursery() as nursery:
         base = await nursery.start(run_backend, backend)
@@ -244,7 +245,7 @@ async def test_a_slow_endpoint_times_out_then_recovers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 async def test_garbage_and_lost_responses_are_counted_exactly(tmp_path: Path) -> None:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     backend.stt = SttReceiver(recognise=False)
     async with trio.open_nursery() as nursery:
         base = await nursery.start(run_backend, backend)

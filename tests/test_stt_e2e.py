@@ -23,9 +23,9 @@ import trio
 
 from edge_agent.agent import Agent
 from edge_agent.audio.pcm import read_wav
-from edge_agent.backend import Backend, SttReceiver, run_backend
 from edge_agent.config import validate
 from edge_agent.demo import sample_path
+from edge_agent.reference import Backend, SttReceiver, run_backend
 from edge_agent.stt import read_transcripts
 
 pytest.importorskip("pocketsphinx")

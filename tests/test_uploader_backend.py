@@ -21,13 +21,14 @@ import httpx
 import numpy as np
 import pytest
 import trio
+from faults import Faults, run_backend
 
 from edge_agent.agent import Agent
-from edge_agent.backend import Backend, list_stored_segments, run_backend
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, UploadConfig, validate
 from edge_agent.demo import run_demo
 from edge_agent.fs import FileOps
+from edge_agent.reference import Backend, list_stored_segments
 from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
 from edge_agent.wire import SegmentMeta, content_digest
@@ -100,7 +101,7 @@ async def drain(uploader: Uploader, spool: Spool, limit: float = 20.0) -> None:
 
 @pytest.fixture
 async def served(tmp_path: Path, nursery: trio.Nursery) -> tuple[Backend, str]:
-    backend = Backend(tmp_path / "backend")
+    backend = Backend(tmp_path / "backend", faults=Faults())
     url = await nursery.start(run_backend, backend)
     return backend, url
 
@@ -340,7 +341,7 @@ async def test_crash_point_sweep_over_the_upload_path(tmp_path: Path) -> None:
     for mode in ("fail", "kill"):
         for n in itertools.count(1):
             case = tmp_path / f"{mode}-{n}"
-            backend = Backend(case / "backend")
+            backend = Backend(case / "backend", faults=Faults())
             steps = Steps(n, mode)
             async with trio.open_nursery() as nursery:
                 base = await nursery.start(run_backend, backend)
