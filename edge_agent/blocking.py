@@ -31,6 +31,12 @@ class ThreadRunner:
         """``fn(*args)`` in a worker thread; cancelling waits for it to return."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    async def run_abandonable(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread that a cancel leaves behind (a driver
+        call that may hang must not hold up shutdown); its result is then lost."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                                             abandon_on_cancel=True)
+
 
 class InlineRunner(ThreadRunner):
     """Runs the calls on the Trio thread itself (tests under MockClock)."""
@@ -38,3 +44,6 @@ class InlineRunner(ThreadRunner):
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         await trio.lowlevel.checkpoint()
         return fn(*args)
+
+    async def run_abandonable(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.run(fn, *args)

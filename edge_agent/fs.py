@@ -16,13 +16,13 @@ import errno
 import hashlib
 import mmap
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
-__all__ = ["FileOps", "fsync_dir", "write_atomic"]
+__all__ = ["FileOps", "fsync_dir", "sync_file", "write_atomic"]
 
 _HASH_CHUNK: Final = 1 << 20
 
@@ -38,29 +38,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str, *,
                  mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` durably and atomically.
+    """Replace ``path`` with ``data`` durably and atomically (`FileOps.write_atomic`)."""
+    FileOps().write_atomic(Path(path), data, mode=mode)
 
-    The file keeps its permissions when it exists; a new one gets ``mode``
-    (default 0644). Parent directories are created.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if mode is None:
-        mode = p.stat().st_mode & 0o7777 if p.exists() else 0o644
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(p.parent)
 
+def sync_file(f: IO[bytes]) -> None:
+    """Make what was written to the open file ``f`` durable (flush, then fsync)."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class FileOps:
@@ -116,6 +101,39 @@ class FileOps:
     def fsync_dir(self, path: Path) -> None:
         self.before("fsync_dir", str(path))
         fsync_dir(path)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        """Atomically put ``src`` in place of ``dst`` (replacing it) and make it durable."""
+        self.before("rename", f"{src} -> {dst}")
+        os.replace(src, dst)
+        self.fsync_dir(dst.parent)
+
+    def write_atomic(self, path: Path, data: bytes | str, *, mode: int | None = None) -> None:
+        """Replace ``path`` with ``data`` so that a reader, a crash or a power cut sees
+        the old file or the new one, never a mix: a private temp file beside it,
+        fsync, rename, fsync of the directory.
+
+        The file keeps its permissions when it exists; a new one gets ``mode``
+        (default 0644). Parent directories are created.
+        """
+        self.makedirs(path.parent)
+        if mode is None:
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = self.create(tmp)
+            try:
+                self.write(fd, raw, str(tmp))
+                self.fsync(fd, str(tmp))
+            finally:
+                self.close(fd, str(tmp))
+            os.chmod(tmp, mode)
+            self.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def rename(self, src: Path, dst: Path) -> None:
         """Atomic rename; never replaces an existing target directory."""

@@ -25,6 +25,7 @@ import trio
 from numpy.typing import NDArray
 
 from ..audio.pcm import SampleFormat, numpy_dtype
+from ..blocking import ThreadRunner
 from ..clock import Clock
 from .source import Block, CaptureError, SourceStats
 
@@ -250,21 +251,24 @@ class SoundDeviceSource:
     device_name: str = ""
     # Where the previous stream's timeline ended: a reopened stream starts after it.
     _timeline_end: float | None = field(default=None, init=False, repr=False)
+    # PortAudio's open and close. An abandoned call that hangs in the driver keeps
+    # its thread slot until it returns, so there are a few slots: reopening goes on.
+    _runner: ThreadRunner = field(default_factory=lambda: ThreadRunner(8), init=False,
+                                  repr=False)
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
         handoff = _Handoff(self.queue_blocks, trio.lowlevel.current_trio_token())
         timeline = CaptureTimeline(self.rate, not_before=self._timeline_end)
         # abandon_on_cancel: shutdown must not wait for a driver that hangs in open.
-        stream = await trio.to_thread.run_sync(
-            self._start, handoff, timeline, abandon_on_cancel=True)
+        stream = await self._runner.run_abandonable(self._start, handoff, timeline)
         log.info("capture opened device=%r rate=%d channels=%d format=%s",
                  self.device_name, self.rate, self.channels, self.format)
         try:
             yield self._blocks(handoff, stream)
         finally:
             with trio.move_on_after(self.close_timeout, shield=True) as scope:
-                await trio.to_thread.run_sync(_close_stream, stream, abandon_on_cancel=True)
+                await self._runner.run_abandonable(_close_stream, stream)
             if scope.cancelled_caught:
                 log.error("capture close hung device=%r timeout=%gs (abandoned; PortAudio "
                           "calls may now block until the process restarts)",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +22,7 @@ from numpy.typing import NDArray
 from ..audio.encoders import StreamEncoder
 from ..blocking import ThreadRunner
 from ..clock import iso_utc
+from ..fs import sync_file
 from ..ring import AudioRing, ReadResult, RingReader
 from ..supervisor import TaskStatus
 from ..wire import GapNote
@@ -173,8 +173,7 @@ class FileRecording:
         for offset, data in patches:
             f.seek(offset)
             f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        sync_file(f)
         f.close()
         self._enc.close()
 

@@ -18,7 +18,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..blocking import ThreadRunner
-from ..store import METADATA_HEADER, LocalStore, StoredObject, check_key
+from ..store import LocalStore, StoredObject, check_key
+from ..store.base import METADATA_HEADER
 from ..wire import content_digest, parse_digest_header
 
 __all__ = ["store_routes"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -34,7 +33,7 @@ from starlette.routing import Route
 
 from ..blocking import ThreadRunner
 from ..clock import iso_utc
-from ..fs import fsync_dir, write_atomic
+from ..fs import FileOps, sync_file, write_atomic
 from ..wire import DEVICE_ID_PATTERN, SEGMENT_ID_PATTERN, content_digest, parse_digest_header
 from .hooks import FaultSource, common_faults
 
@@ -121,8 +120,7 @@ def list_stored_segments(data_dir: Path, device: str) -> list[StoredSegment]:
 def _commit(part: Path, final: Path, meta_path: Path, meta: dict[str, Any]) -> None:
     """Make a received body visible: metadata first, then the audio (the commit)."""
     write_atomic(meta_path, json.dumps(meta, indent=1).encode())
-    os.replace(part, final)
-    fsync_dir(final.parent)
+    FileOps().replace(part, final)
 
 
 def _digest_headers(sha256_hex: str) -> dict[str, str]:
@@ -163,7 +161,7 @@ def segment_routes(data_dir: Path, stats: SegmentStoreStats, faults: FaultSource
                     return None
                 if chunk:
                     await io.run(f.write, chunk)
-            await io.run(_flush_and_sync, f)
+            await io.run(sync_file, f)
         except ClientDisconnect:
             return None
         finally:
@@ -262,8 +260,3 @@ def segment_routes(data_dir: Path, stats: SegmentStoreStats, faults: FaultSource
         Route("/v1/devices/{device}/segments/{segment_id}", put_segment, methods=["PUT"]),
         Route("/v1/devices/{device}/segments/{segment_id}", get_segment, methods=["GET", "HEAD"]),
     ]
-
-
-def _flush_and_sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
