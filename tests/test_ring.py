@@ -31,16 +31,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from edge_agent.ring import (
-    Anchor,
-    AudioRing,
-    ClockStep,
-    EvictedError,
-    Gap,
-    RingReader,
-    RingStats,
-    iso_utc,
-)
+from edge_agent.clock import iso_utc
+from edge_agent.ring import Anchor, AudioRing, ClockStep, EvictedError, Gap, RingReader, RingStats
 
 RATE = 1024
 GAP_TOLERANCE = 0.25

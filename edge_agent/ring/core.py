@@ -1,19 +1,7 @@
-"""The bounded, time-indexed audio ring at the centre of the agent.
+"""`AudioRing`, the preallocated buffer with its time mapping, and `RingReader`, one
+consumer's cursor into it (see the package docstring).
 
-Capture writes PCM blocks with their capture time; the STT streamer, the segmenter,
-the device API and live listeners read the same ring independently, each with its
-own cursor. Memory is fixed at construction: one sample buffer, one anchor store and
-two bounded event stores. Nothing grows with uptime, and no read costs more than two
-slice copies.
-
-Every frame has an absolute index (``head`` = frames ever written). Time maps to
-index through one anchor per block. Monotonic time is the truth; UTC is derived as
-``mono + wall_offset`` with the offset of the newest anchor, so a wall-clock step
-(first NTP sync on a Pi without RTC) corrects the whole held timeline at once and
-keeps it monotonic. Capture gaps and clock steps are recorded, never hidden.
-
-The ring is used from the Trio thread only, so it takes no locks; readers copy data
-out before handing it to worker threads.
+Imports only ``clock``, ``errors`` and the ring's ``types``.
 """
 
 from __future__ import annotations
@@ -21,7 +9,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -29,116 +16,17 @@ import numpy as np
 import trio
 from numpy.typing import DTypeLike, NDArray
 
-from .clock import iso_utc
-from .errors import EdgeAgentError
-
-__all__ = [
-    "Anchor",
-    "AudioRing",
-    "ClockStep",
-    "EvictedError",
-    "Gap",
-    "ReadResult",
-    "RingReader",
-    "RingStats",
-]
-
-# Capture formats PortAudio delivers that numpy can hold without conversion.
-_SAMPLE_DTYPES = frozenset(np.dtype(t) for t in ("int8", "uint8", "int16", "int32", "float32"))
-
-# Default anchor store: one anchor per block of at least this many seconds over the
-# whole capacity. Smaller blocks make the oldest anchors fall out early (counted).
-_MIN_BLOCK_SECONDS = 0.005
-
-# A time this close before a frame's time still counts as "at" that frame. Timestamps
-# are printed with microsecond resolution and UTC floats carry ~0.25 us of rounding,
-# so without it a round trip through ISO 8601 could land one frame late.
-_TIME_EPSILON = 1e-6
-
-
-@dataclass(frozen=True, slots=True)
-class Anchor:
-    """Capture time of the first frame of one written block."""
-
-    index: int
-    utc: float
-    mono: float
-    synced: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Frames from ``index`` on start after a capture hole of ``seconds``.
-
-    ``mono`` is when the hole started (where the previous block was expected to end).
-    """
-
-    index: int
-    mono: float
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class ClockStep:
-    """The wall clock jumped by ``seconds`` (signed) at the block starting at ``index``."""
-
-    index: int
-    mono: float
-    seconds: float
-    synced: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ReadResult:
-    """Frames read from ``start`` on; ``lost`` frames were evicted before the reader got them."""
-
-    start: int
-    frames: NDArray[Any]
-    lost: int
-
-
-@dataclass(frozen=True, slots=True)
-class RingStats:
-    """A snapshot for metrics and ``/v1/status``.
-
-    ``oldest_utc`` is the start of the oldest held frame, ``newest_utc`` the end of the
-    newest one (the time of ``head``), so their difference is the held duration.
-    ``anchors`` is how many anchors are kept; ``anchors_dropped`` counts anchors
-    overwritten while they still governed held frames (blocks smaller than the anchor
-    store was sized for), after which the oldest frames' times are extrapolated.
-    """
-
-    capacity_frames: int
-    held_frames: int
-    head: int
-    tail: int
-    nbytes: int
-    evicted_frames: int
-    gaps: int
-    clock_steps: int
-    oldest_utc: float | None
-    newest_utc: float | None
-    anchors: int = 0
-    anchors_dropped: int = 0
-
-
-class EvictedError(EdgeAgentError, LookupError):
-    """Frames were asked for that the ring no longer holds.
-
-    The message names the oldest audio still available so an operator (or an HTTP
-    client) can see how far back the device can reach.
-    """
-
-    def __init__(self, requested: int, oldest_index: int, oldest_utc: float | None) -> None:
-        self.requested = requested
-        self.oldest_index = oldest_index
-        self.oldest_utc = oldest_utc
-        held = (
-            f"the oldest audio held starts at index {oldest_index} ({iso_utc(oldest_utc)})"
-            if oldest_utc is not None
-            else "no audio is held"
-        )
-        super().__init__(f"frames from index {requested} are no longer held; {held}")
+from .types import (
+    MIN_BLOCK_SECONDS,
+    SAMPLE_DTYPES,
+    TIME_EPSILON,
+    Anchor,
+    ClockStep,
+    EvictedError,
+    Gap,
+    ReadResult,
+    RingStats,
+)
 
 
 class AudioRing:
@@ -182,8 +70,8 @@ class AudioRing:
             sample_dtype = np.dtype(dtype)
         except TypeError as exc:
             raise ValueError(f"dtype {dtype!r} is not a numpy dtype") from exc
-        if sample_dtype not in _SAMPLE_DTYPES:
-            names = ", ".join(sorted(str(d) for d in _SAMPLE_DTYPES))
+        if sample_dtype not in SAMPLE_DTYPES:
+            names = ", ".join(sorted(str(d) for d in SAMPLE_DTYPES))
             raise ValueError(f"dtype must be one of {names}, got {sample_dtype}")
         if not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(f"seconds must be a positive number, got {seconds!r}")
@@ -191,7 +79,7 @@ class AudioRing:
         if capacity < 1:
             raise ValueError(f"seconds={seconds!r} at rate={rate} holds no frame")
         if max_anchors is None:
-            max_anchors = math.ceil(capacity / (rate * _MIN_BLOCK_SECONDS)) + 2
+            max_anchors = math.ceil(capacity / (rate * MIN_BLOCK_SECONDS)) + 2
         elif max_anchors < 1:
             raise ValueError(f"max_anchors must be at least 1, got {max_anchors!r}")
         if max_events < 1:
@@ -469,7 +357,7 @@ class AudioRing:
         """
         if not self._a_count:
             return self._head
-        eps = min(_TIME_EPSILON, 0.25 / self.rate)
+        eps = min(TIME_EPSILON, 0.25 / self.rate)
         j = self._count_anchors(self._a_mono, mono - eps, "left")
         if j == 0:
             # Before every kept anchor: extrapolate back from the oldest one.
