@@ -55,8 +55,8 @@ from .audio.pcm import SampleFormat, from_float32, mix_down
 from .audio.resample import StreamResampler
 from .clock import Clock, iso_utc
 from .config import ConfigError, SttConfig, check_stt_config, read_secret
-from .metrics import Histogram
 from .ring import AudioRing, RingReader
+from .stats import Histogram
 from .supervisor import Backoff, TaskStatus
 from .vad import Vad, make_vad
 from .wire import CHUNK_FILENAME, RAW_CONTENT_TYPE, RAW_HEADERS, parse_retry_after
