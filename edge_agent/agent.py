@@ -69,6 +69,14 @@ def make_source(cfg: CaptureConfig, clock: Clock) -> Source:
     )
 
 
+def _reconfigure(section: str, reconfigure: Callable[[Any], None], value: Any) -> None:
+    """One stage's reconfigure call: a failure is logged, the other stages go on."""
+    try:
+        reconfigure(value)
+    except Exception:
+        log.exception("config reload failed section=%s", section)
+
+
 class Agent:
     """One agent run: the ring, the source, and the supervised stages.
 
@@ -208,31 +216,18 @@ class Agent:
 
     def _apply(self, old: AgentConfig, new: AgentConfig) -> None:
         """Hand each running stage its new section, where it changed (a reload)."""
-        def upload() -> None:
-            if self.uploader is None or old.upload == new.upload:
-                return
+        if self.uploader is not None and old.upload != new.upload:
             if old.upload.enabled != new.upload.enabled:
                 log.warning("config reload upload.enabled changed: restart the agent to "
                             "apply it")
-            self.uploader.reconfigure(new.upload)
-
-        def stt() -> None:
-            if self.stt is None or old.stt == new.stt:
-                return
+            _reconfigure("upload", self.uploader.reconfigure, new.upload)
+        if self.stt is not None and old.stt != new.stt:
             if not new.stt.enabled:
                 log.warning("config reload stt.enabled changed: restart the agent to apply it")
-                return
-            self.stt.reconfigure(new.stt)
-
-        def api() -> None:
-            if self.api is not None and old.api != new.api:
-                self.api.reconfigure(new.api)
-
-        for section, apply in (("upload", upload), ("stt", stt), ("api", api)):
-            try:
-                apply()
-            except Exception:
-                log.exception("config reload failed section=%s", section)
+            else:
+                _reconfigure("stt", self.stt.reconfigure, new.stt)
+        if self.api is not None and old.api != new.api:
+            _reconfigure("api", self.api.reconfigure, new.api)
 
     def _read_transcripts(self, since: float | None, until: float | None,
                           limit: int) -> list[Transcript]:

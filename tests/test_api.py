@@ -34,9 +34,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_agent.agent import Agent
 from edge_agent.api import (
     GAPS_HEADER,
+    RangeDecision,
     RingPiece,
     SegmentPiece,
     SegmentUnreadable,
+    decide_range,
     decode_segment,
     load_token,
     open_under,
@@ -902,6 +904,28 @@ def test_a_storage_error_while_decoding_is_reported_not_a_crash(
                         lambda *_a, **_k: _FailingStorage(data, len(data) // 2), raising=False)
     with pytest.raises(SegmentUnreadable, match="Input/output error"):
         decode_segment(0, meta, meta.rate, 4 * meta.rate)
+
+
+def test_range_decisions_are_values_in_values_out() -> None:
+    """If-None-Match, If-Range and Range decide the answer without a request or Trio."""
+    etag, whole = '"abc"', RangeDecision(200, 0, 100)
+    unsatisfiable = RangeDecision(416, 0, 0, "bytes */100")
+    assert decide_range(etag, 100) == whole
+    assert decide_range(etag, 100, if_none_match='"x", "abc"') == RangeDecision(304, 0, 0)
+    assert decide_range(etag, 100, if_none_match="*").status == 304
+    assert decide_range(etag, 100, range_header="bytes=10-19") == RangeDecision(
+        206, 10, 10, "bytes 10-19/100")
+    assert decide_range(etag, 100, range_header="bytes=-5") == RangeDecision(
+        206, 95, 5, "bytes 95-99/100")
+    assert decide_range(etag, 100, range_header="bytes=90-150") == RangeDecision(
+        206, 90, 10, "bytes 90-99/100")
+    assert decide_range(etag, 100, range_header="bytes=100-") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=-0") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=5-1") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=0-1,3-4") == whole
+    assert decide_range(etag, 100, range_header="items=0-1") == whole
+    assert decide_range(etag, 100, range_header="bytes=0-1", if_range='"old"') == whole
+    assert decide_range(etag, 100, range_header="bytes=0-1", if_range=etag).status == 206
 
 
 def test_plan_trims_overlapping_segments_after_a_clock_step() -> None:
