@@ -26,10 +26,11 @@ from .api import DeviceApi
 from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
 from .config import AgentConfig, ConfigError, load_config
-from .recordings import AgentRecordings
+from .metrics import AgentParts, agent_status, component_health, make_registry
+from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
 from .spool import Segmenter, Spool
-from .stt import SttStreamer
+from .stt import SttStreamer, Transcript, read_transcripts
 from .supervisor import Backoff, Supervisor, TaskFn, TaskHealth, TaskStatus
 from .systemd import Notifier, NotifyStats, WatchdogPolicy, notify_systemd, watchdog_interval
 from .uploader import Uploader
@@ -46,6 +47,14 @@ LIVE_SECTIONS = ("stt", "upload", "api")
 
 # Called with (old, new) config after a reload was accepted; may be async.
 ReloadCallback = Callable[[AgentConfig, AgentConfig], Awaitable[None] | None]
+
+
+def _reconfigure(section: str, reconfigure: Callable[[Any], None], value: Any) -> None:
+    """One stage's reconfigure call: a failure is logged, the other stages go on."""
+    try:
+        reconfigure(value)
+    except Exception:
+        log.exception("config reload failed section=%s", section)
 
 
 class Agent:
@@ -100,7 +109,6 @@ class Agent:
             self.uploader = Uploader(config.upload, config.device.id, self.spool,
                                      clock=self.clock)
             self._tasks.append(("uploader", self.uploader.run))
-            self.on_reload(self._reload_upload)
         # Named recordings cut from the ring on demand, sealed into the spool.
         self.recordings: AgentRecordings | None = None
         if config.recordings.enabled and self.spool is not None:
@@ -115,12 +123,25 @@ class Agent:
             self.stt = SttStreamer(config.stt, self.ring, device_id=config.device.id,
                                    data_dir=self.data_dir, clock=self.clock)
             self._tasks.append(("stt", self.stt.run))
-            self.on_reload(self._reload_stt)
+        # What health, /v1/status, metrics and the systemd watchdog read of the stages.
+        self.parts = AgentParts(
+            config=config, data_dir=self.data_dir, clock=self.clock, source=self.source,
+            ring=self.ring, supervisor=self.supervisor, ready=self.ready, spool=self.spool,
+            segmenter=self.segmenter, uploader=self.uploader, stt=self.stt,
+        )
+        self.registry = make_registry(self.parts)
         # The device HTTP API, last: it serves what the stages above hold. An
         # unusable token file is a ConfigError here, at start.
         self.api: DeviceApi | None = None
         if config.api.enabled:
-            self.api = DeviceApi(self)
+            self.api = DeviceApi(
+                config.api, device_id=config.device.id, data_dir=self.data_dir,
+                ring=self.ring, clock=self.clock, capture_finished=self.capture_finished,
+                spool=self.spool, transcripts=self._read_transcripts,
+                health=partial(component_health, self.parts),
+                status=partial(agent_status, self.parts), registry=self.registry,
+                routes=recording_routes(lambda: self.recordings),  # recorder.py owns these
+            )
             self._tasks.append(("api", self.api.run))
 
     def add_task(self, name: str, fn: TaskFn) -> None:
@@ -128,10 +149,10 @@ class Agent:
         self._tasks.append((name, fn))
 
     def on_reload(self, callback: ReloadCallback) -> None:
-        """Call `callback(old, new)` after each accepted config reload (SIGHUP).
+        """Call `callback(old, new)` after each accepted config reload (SIGHUP),
+        after the stages got their new sections (`_apply`).
 
-        Only the sections in `LIVE_SECTIONS` differ between old and new; a
-        component compares its own section and applies what changed.
+        Only the sections in `LIVE_SECTIONS` differ between old and new.
         """
         self._on_reload.append(callback)
 
@@ -161,7 +182,9 @@ class Agent:
                 log.warning("config reload section=%s changed: restart the agent to apply it "
                             "(the running values are kept)", f)
         self.config = msgspec.structs.replace(old, **live)
+        self.parts.config = self.config
         self.reloads += 1
+        self._apply(old, self.config)
         for callback in self._on_reload:
             try:
                 result = callback(old, self.config)
@@ -173,20 +196,24 @@ class Agent:
                  ",".join(live) or "nothing changed")
         return True
 
-    def _reload_upload(self, old: AgentConfig, new: AgentConfig) -> None:
-        if self.uploader is None or old.upload == new.upload:
-            return
-        if old.upload.enabled != new.upload.enabled:
-            log.warning("config reload upload.enabled changed: restart the agent to apply it")
-        self.uploader.reconfigure(new.upload)
+    def _apply(self, old: AgentConfig, new: AgentConfig) -> None:
+        """Hand each running stage its new section, where it changed (a reload)."""
+        if self.uploader is not None and old.upload != new.upload:
+            if old.upload.enabled != new.upload.enabled:
+                log.warning("config reload upload.enabled changed: restart the agent to "
+                            "apply it")
+            _reconfigure("upload", self.uploader.reconfigure, new.upload)
+        if self.stt is not None and old.stt != new.stt:
+            if not new.stt.enabled:
+                log.warning("config reload stt.enabled changed: restart the agent to apply it")
+            else:
+                _reconfigure("stt", self.stt.reconfigure, new.stt)
+        if self.api is not None and old.api != new.api:
+            _reconfigure("api", self.api.reconfigure, new.api)
 
-    def _reload_stt(self, old: AgentConfig, new: AgentConfig) -> None:
-        if self.stt is None or old.stt == new.stt:
-            return
-        if not new.stt.enabled:
-            log.warning("config reload stt.enabled changed: restart the agent to apply it")
-            return
-        self.stt.reconfigure(new.stt)
+    def _read_transcripts(self, since: float | None, until: float | None,
+                          limit: int) -> list[Transcript]:
+        return read_transcripts(self.data_dir, since, until, limit=limit)
 
     @property
     def tasks(self) -> dict[str, TaskHealth]:
@@ -194,14 +221,7 @@ class Agent:
 
     def degraded(self) -> dict[str, str]:
         """Components that are not healthy now, with the reason (empty when ok)."""
-        out = self.supervisor.degraded()
-        if self.spool is not None and (reason := self.spool.degraded_reason):
-            out["spool"] = reason
-        if self.uploader is not None and (reason := self.uploader.degraded()):
-            out.setdefault("uploader", reason)
-        if self.stt is not None and (reason := self.stt.degraded()):
-            out.setdefault("stt", reason)
-        return out
+        return self.parts.degraded()
 
     async def run(
         self, *, handle_signals: bool = False, systemd: bool = True,
@@ -251,7 +271,7 @@ class Agent:
         # A source's own stall detector must get to fail it before capture counts as wedged.
         policy = WatchdogPolicy(capture_silence=max(30.0, 3 * self.config.capture.stall_seconds))
         try:
-            await notify_systemd(self, notifier, watchdog=watchdog_interval(), policy=policy,
+            await notify_systemd(self.parts, notifier, watchdog=watchdog_interval(), policy=policy,
                                  stats=self.notify_stats)
         finally:
             notifier.close()

@@ -1,4 +1,4 @@
-"""Health and Prometheus metrics of a running agent, read from the components' stats.
+"""Health, status and Prometheus metrics of a running agent, read from the stages' stats.
 
 Nothing here runs on the hot path. Every stage keeps plain counters in a small
 stats dataclass (`SourceStats`, `SttStats`, `SpoolStats`, ...); `AgentCollector`
@@ -6,20 +6,26 @@ reads them when `/metrics` is scraped, into a registry that belongs to one agent
 (never prometheus-client's global registry, so two agents in one process, as in
 tests, never share or clash). `component_health` is the one place that decides
 what "healthy" means per component, for `/healthz`, `/v1/status` and the
-`edge_agent_component_healthy` gauge alike.
+`edge_agent_component_healthy` gauge alike; `agent_status` is the agent's part of
+`/v1/status`.
 
-The one thing a stage records for metrics itself is a latency distribution:
-`Histogram` is a few integers a stage bumps per event (no lock, no registry).
+What is read comes in `AgentParts`, a value object the agent builds from the
+stages it made. This module sits just below `edge_agent.agent`: it reads the
+stages, never imports the agent, and is not imported by any stage (a stage's
+latency `Histogram` lives in `edge_agent.stats`).
 """
 
 from __future__ import annotations
 
-import bisect
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
 
+import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -29,23 +35,29 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .stats import Histogram
+
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .capture import Source
+    from .clock import Clock
+    from .config import AgentConfig
+    from .ring import AudioRing
+    from .spool import Segmenter, Spool
+    from .stt import SttStreamer
+    from .supervisor import Supervisor
+    from .uploader import Uploader
 
 __all__ = [
     "COMPONENTS",
-    "LATENCY_BUCKETS",
     "AgentCollector",
+    "AgentParts",
     "ComponentHealth",
-    "Histogram",
+    "agent_status",
     "component_health",
     "disk_free_bytes",
     "make_registry",
     "overall_status",
 ]
-
-#: Bucket bounds (seconds) for request latencies to remote services.
-LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 #: Components `/healthz` always reports, in this order.
 COMPONENTS: Final = ("capture", "ring", "stt", "segmenter", "uploader", "disk", "clock")
@@ -57,35 +69,31 @@ HealthState = Literal["ok", "degraded", "disabled"]
 
 
 @dataclass
-class Histogram:
-    """Observations counted into fixed buckets, for a Prometheus histogram.
+class AgentParts:
+    """The stages of one agent, as health, status, metrics and the watchdog read
+    them. The agent builds it and keeps ``config`` current across reloads."""
 
-    `counts[i]` counts values `<= bounds[i]` and above the previous bound; the
-    last slot counts values above every bound. Cheap enough for any event rate.
-    """
+    config: AgentConfig
+    data_dir: Path
+    clock: Clock
+    source: Source
+    ring: AudioRing
+    supervisor: Supervisor
+    ready: trio.Event  # set once every stage has started
+    spool: Spool | None = None
+    segmenter: Segmenter | None = None
+    uploader: Uploader | None = None
+    stt: SttStreamer | None = None
 
-    bounds: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    count: int = 0
-    sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        """Prometheus buckets: (upper bound, observations at or below it), "+Inf" last."""
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            running += n
-            out.append((repr(float(bound)), float(running)))
-        out.append(("+Inf", float(self.count)))
+    def degraded(self) -> dict[str, str]:
+        """Components that are not healthy now, with the reason (empty when ok)."""
+        out = self.supervisor.degraded()
+        if self.spool is not None and (reason := self.spool.degraded_reason):
+            out["spool"] = reason
+        if self.uploader is not None and (reason := self.uploader.degraded()):
+            out.setdefault("uploader", reason)
+        if self.stt is not None and (reason := self.stt.degraded()):
+            out.setdefault("stt", reason)
         return out
 
 
@@ -114,27 +122,27 @@ def disk_free_bytes(path: os.PathLike[str] | str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def _task_health(agent: Agent, name: str, reasons: dict[str, str]) -> ComponentHealth | None:
+def _task_health(parts: AgentParts, name: str, reasons: dict[str, str]) -> ComponentHealth | None:
     if name in reasons:
         return ComponentHealth("degraded", reasons[name])
-    task = agent.supervisor.tasks.get(name)
+    task = parts.supervisor.tasks.get(name)
     if task is not None and not task.healthy:
         return ComponentHealth("degraded", task.state)
     return None
 
 
-def component_health(agent: Agent) -> dict[str, ComponentHealth]:
+def component_health(parts: AgentParts) -> dict[str, ComponentHealth]:
     """Every component of `COMPONENTS` (plus any other task that is unhealthy)."""
-    reasons = dict(agent.degraded())
+    reasons = dict(parts.degraded())
     out: dict[str, ComponentHealth] = {}
-    ring = agent.ring
+    ring = parts.ring
     rate = ring.rate
 
     # capture
-    stats = agent.source.stats
+    stats = parts.source.stats
     captured = ring.head / rate
-    bad = _task_health(agent, "capture", reasons)
-    task = agent.supervisor.tasks.get("capture")
+    bad = _task_health(parts, "capture", reasons)
+    task = parts.supervisor.tasks.get("capture")
     if bad is not None:
         out["capture"] = bad
     elif task is not None and task.state == "finished":
@@ -155,41 +163,41 @@ def component_health(agent: Agent) -> dict[str, ComponentHealth]:
         out["ring"] = ComponentHealth("ok", held)
 
     # stt, segmenter (with the spool), uploader
-    if agent.stt is None:
+    if parts.stt is None:
         out["stt"] = ComponentHealth("disabled")
     else:
-        out["stt"] = _task_health(agent, "stt", reasons) or ComponentHealth(
-            "ok", f"{agent.stt.stats.chunks_sent} chunks transcribed")
-    if agent.spool is None:
+        out["stt"] = _task_health(parts, "stt", reasons) or ComponentHealth(
+            "ok", f"{parts.stt.stats.chunks_sent} chunks transcribed")
+    if parts.spool is None:
         out["segmenter"] = ComponentHealth("disabled")
     else:
         spool_reason = reasons.get("spool")
         out["segmenter"] = (
-            _task_health(agent, "segmenter", reasons)
+            _task_health(parts, "segmenter", reasons)
             or (ComponentHealth("degraded", spool_reason) if spool_reason else None)
-            or ComponentHealth("ok", f"{agent.spool.stats.pending_segments} segments pending "
+            or ComponentHealth("ok", f"{parts.spool.stats.pending_segments} segments pending "
                                      "upload")
         )
-    if agent.uploader is None:
+    if parts.uploader is None:
         out["uploader"] = ComponentHealth("disabled")
     else:
-        out["uploader"] = _task_health(agent, "uploader", reasons) or ComponentHealth(
-            "ok", f"{agent.uploader.stats.successes} segments uploaded")
+        out["uploader"] = _task_health(parts, "uploader", reasons) or ComponentHealth(
+            "ok", f"{parts.uploader.stats.successes} segments uploaded")
 
     # disk
-    free = disk_free_bytes(agent.data_dir)
-    floor = agent.config.segments.min_free_mb * 1024 * 1024
+    free = disk_free_bytes(parts.data_dir)
+    floor = parts.config.segments.min_free_mb * 1024 * 1024
     if free is None:
-        out["disk"] = ComponentHealth("degraded", f"cannot read free space of {agent.data_dir}")
-    elif agent.spool is not None and free < floor:
+        out["disk"] = ComponentHealth("degraded", f"cannot read free space of {parts.data_dir}")
+    elif parts.spool is not None and free < floor:
         out["disk"] = ComponentHealth(
             "degraded", f"{free / 2**20:.0f} MB free, below segments.min_free_mb "
-                        f"({agent.config.segments.min_free_mb} MB)")
+                        f"({parts.config.segments.min_free_mb} MB)")
     else:
         out["disk"] = ComponentHealth("ok", f"{free / 2**20:.0f} MB free")
 
     # clock
-    if agent.clock.synced():
+    if parts.clock.synced():
         out["clock"] = ComponentHealth("ok", "NTP-synchronised")
     else:
         out["clock"] = ComponentHealth(
@@ -204,6 +212,62 @@ def component_health(agent: Agent) -> dict[str, ComponentHealth]:
 
 def overall_status(health: dict[str, ComponentHealth]) -> HealthState:
     return "ok" if all(h.healthy for h in health.values()) else "degraded"
+
+
+# ----------------------------------------------------------------------------
+# Status (the agent's part of /v1/status)
+
+
+def _sanitize_url(url: str) -> str:
+    """A URL without credentials or query (they may hold keys)."""
+    if not url:
+        return url
+    try:
+        split = urlsplit(url)
+        host = split.hostname or ""
+        if split.port:
+            host = f"{host}:{split.port}"
+        return urlunsplit((split.scheme, host, split.path, "", ""))
+    except ValueError:
+        return "<unparsable>"
+
+
+def _config_summary(parts: AgentParts) -> dict[str, Any]:
+    """The config in effect, without secrets (the API adds its own section)."""
+    c = parts.config
+    cap, seg = c.capture, c.segments
+    return {
+        "capture": {"source": cap.source, "device": cap.device, "rate": cap.rate,
+                    "channels": cap.channels, "format": cap.format,
+                    "block_ms": cap.block_ms},
+        "ring": {"seconds": c.ring.seconds},
+        "stt": {"enabled": c.stt.enabled, "protocol": c.stt.protocol,
+                "url": _sanitize_url(c.stt.url), "rate": c.stt.rate,
+                "chunking": c.stt.chunking, "token": bool(c.stt.token_file)},
+        "segments": {"enabled": seg.enabled, "seconds": seg.seconds, "format": seg.format,
+                     "bitrate": seg.bitrate, "max_spool_mb": seg.max_spool_mb,
+                     "min_free_mb": seg.min_free_mb},
+        "upload": {"enabled": c.upload.enabled, "url": _sanitize_url(c.upload.url),
+                   "token": bool(c.upload.token_file)},
+    }
+
+
+def agent_status(parts: AgentParts) -> dict[str, Any]:
+    """The agent's sections of ``/v1/status``: ``config`` (summary), ``capture``,
+    ``tasks``, ``stt``, ``spool``, ``segmenter``, ``upload`` and ``disk``."""
+    ring = parts.ring
+    return {
+        "config": _config_summary(parts),
+        "capture": {"seconds": ring.head / ring.rate, **dataclasses.asdict(parts.source.stats)},
+        "tasks": {n: {"state": t.state, "starts": t.starts, "failures": t.failures,
+                      "last_error": t.last_error}
+                  for n, t in parts.supervisor.tasks.items()},
+        "stt": parts.stt.statistics() if parts.stt is not None else None,
+        "spool": parts.spool.stats if parts.spool is not None else None,
+        "segmenter": parts.segmenter.stats if parts.segmenter is not None else None,
+        "upload": parts.uploader.stats if parts.uploader is not None else None,
+        "disk": {"free_bytes": disk_free_bytes(parts.data_dir)},
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -226,13 +290,13 @@ class AgentCollector:
     """Reads an agent's stats into Prometheus metrics when scraped.
 
     Args:
-        agent: the running agent.
+        parts: the running agent's stages.
         extra: more stats sources, each an object with `collect()` yielding
             metric families (the device API adds its request counters).
     """
 
-    def __init__(self, agent: Agent, extra: Iterable[Any] = ()) -> None:
-        self.agent = agent
+    def __init__(self, parts: AgentParts, extra: Iterable[Any] = ()) -> None:
+        self.parts = parts
         self.extra = list(extra)
 
     def collect(self) -> Iterator[Metric]:
@@ -246,11 +310,11 @@ class AgentCollector:
             yield from source.collect()
 
     def _agent(self) -> Iterator[Metric]:
-        agent = self.agent
+        parts = self.parts
         info = InfoMetricFamily("edge_agent", "The agent's identity.", labels=["device"])
-        info.add_metric([agent.config.device.id], {"device": agent.config.device.id})
+        info.add_metric([parts.config.device.id], {"device": parts.config.device.id})
         yield info
-        health = component_health(agent)
+        health = component_health(parts)
         yield _gauge("edge_agent_healthy", "1 when every component is healthy.",
                      1.0 if overall_status(health) == "ok" else 0.0)
         comp = GaugeMetricFamily("edge_agent_component_healthy",
@@ -264,35 +328,35 @@ class AgentCollector:
         restarts = CounterMetricFamily("edge_agent_task_failures",
                                        "Times the task failed and was restarted.",
                                        labels=["task"])
-        for name, task in agent.supervisor.tasks.items():
+        for name, task in parts.supervisor.tasks.items():
             running.add_metric([name], 1.0 if task.state == "running" else 0.0)
             restarts.add_metric([name], task.failures)
         yield running
         yield restarts
-        free = disk_free_bytes(agent.data_dir)
+        free = disk_free_bytes(parts.data_dir)
         if free is not None:
             yield _gauge("edge_agent_disk_free_bytes",
                          "Bytes free on the file system of the data directory.", free)
         yield _gauge("edge_agent_clock_synced", "1 when the wall clock is NTP-synchronised.",
-                     1.0 if agent.clock.synced() else 0.0)
+                     1.0 if parts.clock.synced() else 0.0)
 
     def _capture(self) -> Iterator[Metric]:
-        agent = self.agent
-        stats = agent.source.stats
+        parts = self.parts
+        stats = parts.source.stats
         yield _counter("edge_agent_capture_seconds", "Seconds of audio captured.",
-                       agent.ring.head / agent.ring.rate)
+                       parts.ring.head / parts.ring.rate)
         yield _counter("edge_agent_capture_input_overflows",
                        "Input overflows the audio device reported.", stats.input_overflows)
         yield _counter("edge_agent_capture_queue_drops",
                        "Captured blocks dropped because the event loop did not take them in "
                        "time.", stats.queue_drops)
-        task = agent.supervisor.tasks.get("capture")
+        task = parts.supervisor.tasks.get("capture")
         yield _counter("edge_agent_capture_restarts",
                        "Times capture failed and the source was reopened.",
                        task.failures if task is not None else 0)
 
     def _ring(self) -> Iterator[Metric]:
-        ring = self.agent.ring
+        ring = self.parts.ring
         rs = ring.statistics()
         rate = ring.rate
         yield _gauge("edge_agent_ring_capacity_seconds", "Seconds of audio the ring holds.",
@@ -334,7 +398,7 @@ class AgentCollector:
         yield lag
 
     def _stt(self) -> Iterator[Metric]:
-        stt = self.agent.stt
+        stt = self.parts.stt
         if stt is None:
             return
         s = stt.statistics()
@@ -367,7 +431,7 @@ class AgentCollector:
                 buckets=latency.cumulative(), sum_value=latency.sum)
 
     def _segments(self) -> Iterator[Metric]:
-        spool = self.agent.spool
+        spool = self.parts.spool
         if spool is None:
             return
         s = spool.stats
@@ -397,14 +461,14 @@ class AgentCollector:
         held.add_metric(["synced"], s.synced_segments)
         held.add_metric(["quarantined"], s.quarantined_segments)
         yield held
-        segmenter = self.agent.segmenter
+        segmenter = self.parts.segmenter
         if segmenter is not None:
             yield _counter("edge_agent_segmenter_lost_seconds",
                            "Audio the segmenter never wrote (evicted from the ring first).",
-                           segmenter.stats.lost_frames / self.agent.ring.rate)
+                           segmenter.stats.lost_frames / self.parts.ring.rate)
 
     def _upload(self) -> Iterator[Metric]:
-        spool = self.agent.spool
+        spool = self.parts.spool
         if spool is not None:
             pending = spool.pending()
             yield _gauge("edge_agent_upload_backlog_segments", "Sealed segments not uploaded.",
@@ -413,7 +477,7 @@ class AgentCollector:
                          sum(m.bytes for m in pending))
             yield _gauge("edge_agent_upload_backlog_seconds", "Audio not uploaded yet.",
                          sum(m.seconds for m in pending))
-        uploader = self.agent.uploader
+        uploader = self.parts.uploader
         if uploader is None:
             return
         u = uploader.stats
@@ -427,8 +491,8 @@ class AgentCollector:
         yield _counter("edge_agent_upload_bytes", "Bytes of segment bodies sent.", u.bytes_sent)
 
 
-def make_registry(agent: Agent, extra: Iterable[Any] = ()) -> CollectorRegistry:
-    """A registry of its own for `agent` (never the process-wide default one)."""
+def make_registry(parts: AgentParts, extra: Iterable[Any] = ()) -> CollectorRegistry:
+    """A registry of its own for one agent (never the process-wide default one)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent, extra))
+    registry.register(AgentCollector(parts, extra))
     return registry

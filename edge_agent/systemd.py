@@ -23,6 +23,10 @@ it, and a process restart would not bring an unplugged mic back); these are:
 
 When the pings stop, systemd kills and restarts the agent (`Restart=always`).
 Without `NOTIFY_SOCKET` none of this runs.
+
+What is watched comes in as a `Watched` (the agent passes its
+`metrics.AgentParts`, which fits). This module sits just below
+`edge_agent.agent`: it never imports the agent, metrics, or any stage.
 """
 
 from __future__ import annotations
@@ -32,17 +36,18 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from .agent import Agent
+from .ring import AudioRing
+from .supervisor import Supervisor
 
 __all__ = [
     "Notifier",
     "NotifyStats",
     "WatchdogPolicy",
+    "Watched",
     "WedgeDetector",
     "notify_systemd",
     "watchdog_interval",
@@ -130,6 +135,30 @@ class NotifyStats:
     wedged: dict[str, str] = field(default_factory=dict)
 
 
+class Watched(Protocol):
+    """What the watchdog reads of a running agent."""
+
+    @property
+    def supervisor(self) -> Supervisor: ...
+
+    @property
+    def ring(self) -> AudioRing: ...
+
+    @property
+    def ready(self) -> trio.Event:
+        """Set once every stage has started."""
+        ...
+
+    @property
+    def source(self) -> object:
+        """The capture source (its ``device_name``, when it has one, goes in the status)."""
+        ...
+
+    def degraded(self) -> dict[str, str]:
+        """Components that are not healthy now, with the reason."""
+        ...
+
+
 class WedgeDetector:
     """Watches the agent's tasks and capture progress over time (Trio time)."""
 
@@ -139,11 +168,12 @@ class WedgeDetector:
         self._head = -1
         self._head_since = 0.0
 
-    def check(self, agent: Agent, now: float) -> dict[str, str]:
+    def check(self, agent: Watched, now: float) -> dict[str, str]:
         """Tasks that are wedged now, with why (empty when all is well)."""
         wedged: dict[str, str] = {}
         policy = self.policy
-        for name, health in agent.tasks.items():
+        tasks = agent.supervisor.tasks
+        for name, health in tasks.items():
             key = (health.state, health.starts)
             seen = self._seen.get(name)
             if seen is None or seen[:2] != key:
@@ -158,7 +188,7 @@ class WedgeDetector:
         head = agent.ring.head
         if head != self._head:
             self._head, self._head_since = head, now
-        capture = agent.tasks.get("capture")
+        capture = tasks.get("capture")
         if capture is not None and capture.state == "running":
             silent = now - max(self._head_since, self._seen["capture"][2])
             if silent >= policy.capture_silence:
@@ -166,7 +196,7 @@ class WedgeDetector:
         return wedged
 
 
-def _status(agent: Agent, wedged: dict[str, str]) -> str:
+def _status(agent: Watched, wedged: dict[str, str]) -> str:
     """One line for `systemctl status`."""
     if wedged:
         return "wedged: " + "; ".join(f"{k}: {v}" for k, v in wedged.items())
@@ -180,7 +210,7 @@ def _status(agent: Agent, wedged: dict[str, str]) -> str:
 
 
 async def notify_systemd(
-    agent: Agent,
+    agent: Watched,
     notifier: Notifier,
     *,
     watchdog: float | None = None,
@@ -236,10 +266,10 @@ async def notify_systemd(
         notifier.send("STOPPING=1", "STATUS=stopping")
 
 
-def _ready(agent: Agent, waited: float, policy: WatchdogPolicy) -> bool:
+def _ready(agent: Watched, waited: float, policy: WatchdogPolicy) -> bool:
     if not agent.ready.is_set():
         return False
-    capture = agent.tasks.get("capture")
+    capture = agent.supervisor.tasks.get("capture")
     if capture is None or capture.state in ("running", "finished"):
         return True
     return waited >= policy.ready_timeout

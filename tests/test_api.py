@@ -31,21 +31,23 @@ import trio
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent import api as api_module
 from edge_agent.agent import Agent
 from edge_agent.api import (
     GAPS_HEADER,
+    RangeDecision,
     RingPiece,
     SegmentPiece,
     SegmentUnreadable,
-    _StreamResponse,
-    _Unsafe,
+    decide_range,
     decode_segment,
     load_token,
     open_under,
     parse_utc,
     plan_audio,
 )
+from edge_agent.api import decode as decode_module
+from edge_agent.api.decode import UnsafePath
+from edge_agent.api.render import StreamResponse
 from edge_agent.audio.flac import OggFlacEncoder, decode_ogg_flac
 from edge_agent.audio.opus import decode_ogg_opus, encode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
@@ -463,7 +465,7 @@ async def test_segments_decoded_in_windows_join_seamlessly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, segment_format: str) -> None:
     # A long segment is decoded a window at a time (30 s); with 0.7 s windows these
     # 5 s segments are cut at odd places, and the joins must not show.
-    monkeypatch.setattr("edge_agent.api._SEGMENT_WINDOW_SECONDS", 0.7)
+    monkeypatch.setattr("edge_agent.api.decode._SEGMENT_WINDOW_SECONDS", 0.7)
     async with serve_agent(tmp_path, segment_format=segment_format,
                            segment_bitrate=96000) as s:
         r = await s.client.get("/v1/audio", params={"start": at(2.5), "end": at(19.5),
@@ -663,7 +665,7 @@ async def test_a_streamed_body_always_ends_whatever_order_the_tasks_run_in() -> 
     incomplete = 0
     for _ in range(300):
         messages: list[dict[str, Any]] = []
-        response = _StreamResponse(200, {"Content-Length": "3"}, produce, stall=5.0, what="t")
+        response = StreamResponse(200, {"Content-Length": "3"}, produce, stall=5.0, what="t")
         await response({"type": "http", "method": "GET"}, trio.sleep_forever, _appender(messages))
         body = b"".join(m.get("body", b"") for m in messages[1:])
         assert body == b"abc"
@@ -788,7 +790,7 @@ def test_open_under_refuses_anything_but_a_plain_file_below_the_root(tmp_path: P
     (root / "b").symlink_to(root / "a")
     for parts in (["a", "fifo"], ["a", "link"], ["b", "file"], ["..", "outside"],
                   ["a", "..", "..", "outside"], ["a/../..", "outside"], ["a", "file\0"], []):
-        with pytest.raises(_Unsafe):
+        with pytest.raises(UnsafePath):
             open_under(root, parts)
     with pytest.raises(FileNotFoundError):
         open_under(root, ["a", "missing"])
@@ -898,10 +900,32 @@ def test_a_storage_error_while_decoding_is_reported_not_a_crash(
     an error naming it (the request is cut, the agent goes on capturing)."""
     path, meta, _pcm = _long_segment(tmp_path, fmt, 5.0)
     data = path.read_bytes()
-    monkeypatch.setattr(api_module, "open",
+    monkeypatch.setattr(decode_module, "open",
                         lambda *_a, **_k: _FailingStorage(data, len(data) // 2), raising=False)
     with pytest.raises(SegmentUnreadable, match="Input/output error"):
         decode_segment(0, meta, meta.rate, 4 * meta.rate)
+
+
+def test_range_decisions_are_values_in_values_out() -> None:
+    """If-None-Match, If-Range and Range decide the answer without a request or Trio."""
+    etag, whole = '"abc"', RangeDecision(200, 0, 100)
+    unsatisfiable = RangeDecision(416, 0, 0, "bytes */100")
+    assert decide_range(etag, 100) == whole
+    assert decide_range(etag, 100, if_none_match='"x", "abc"') == RangeDecision(304, 0, 0)
+    assert decide_range(etag, 100, if_none_match="*").status == 304
+    assert decide_range(etag, 100, range_header="bytes=10-19") == RangeDecision(
+        206, 10, 10, "bytes 10-19/100")
+    assert decide_range(etag, 100, range_header="bytes=-5") == RangeDecision(
+        206, 95, 5, "bytes 95-99/100")
+    assert decide_range(etag, 100, range_header="bytes=90-150") == RangeDecision(
+        206, 90, 10, "bytes 90-99/100")
+    assert decide_range(etag, 100, range_header="bytes=100-") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=-0") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=5-1") == unsatisfiable
+    assert decide_range(etag, 100, range_header="bytes=0-1,3-4") == whole
+    assert decide_range(etag, 100, range_header="items=0-1") == whole
+    assert decide_range(etag, 100, range_header="bytes=0-1", if_range='"old"') == whole
+    assert decide_range(etag, 100, range_header="bytes=0-1", if_range=etag).status == 206
 
 
 def test_plan_trims_overlapping_segments_after_a_clock_step() -> None:

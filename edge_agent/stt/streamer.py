@@ -41,8 +41,8 @@ from numpy.typing import NDArray
 from ..blocking import ThreadRunner
 from ..clock import Clock, iso_utc
 from ..config import ConfigError, SttConfig, check_stt_config, read_secret
-from ..metrics import Histogram
 from ..ring import AudioRing, RingReader
+from ..stats import Histogram
 from ..supervisor import Backoff, TaskStatus
 from .backlog import Backlog, Chunk
 from .chunking import Cut, StreamCutter, make_chunker
