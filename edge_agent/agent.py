@@ -23,6 +23,7 @@ import msgspec
 import trio
 
 from .api import DeviceApi
+from .blocking import ThreadRunner
 from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
 from .config import AgentConfig, ConfigError, load_config
@@ -94,7 +95,6 @@ class Agent:
             ("capture", partial(run_capture, self.source, self.ring, self.clock,
                                 self.capture_finished))]
         self._cancel_scope: trio.CancelScope | None = None
-        self._on_stop: list[Callable[[], Any]] = []
         # The durable spool: the segmenter recovers it before it reports ready.
         self.spool: Spool | None = None
         self.segmenter: Segmenter | None = None
@@ -167,7 +167,7 @@ class Agent:
             log.warning("config reload ignored: the agent was not started from a file")
             return False
         try:
-            new = await trio.to_thread.run_sync(load_config, self.config_path)
+            new = await ThreadRunner().run(load_config, self.config_path)
         except ConfigError as exc:
             self.reloads_rejected += 1
             for line in exc.problems:

@@ -21,7 +21,7 @@ import trio
 from .agent import Agent
 from .api import TOKEN_FILE_NAME
 from .clock import iso_utc
-from .config import AgentConfig, validate
+from .config import AgentConfig, read_secret, validate
 from .reference import Backend, StoredSegment, list_stored_segments, run_backend
 from .stt import SttStats, Transcript
 from .wire import SegmentMeta, SegmentState
@@ -165,7 +165,7 @@ async def _serve(nursery: trio.Nursery, agent: Agent, seconds: float,
     # The printed audio command asks for the first 5 s: they must be captured.
     with trio.move_on_after(30):
         await ring.wait_for(5 * ring.rate + 1)
-    token = (agent.data_dir / TOKEN_FILE_NAME).read_text(encoding="utf-8").strip()
+    token = read_secret(agent.data_dir / TOKEN_FILE_NAME, "")
     commands = curl_commands(api.url, token, ring.index_to_utc(0))
     if on_api is not None:
         result = on_api(commands)
