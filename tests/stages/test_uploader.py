@@ -265,7 +265,7 @@ async def test_a_new_segment_wakes_the_idle_uploader_at_once(
 async def test_a_seal_in_the_real_spool_wakes_the_uploader_at_once(
     autojump_clock: trio.testing.MockClock, tmp_path: Path,
 ) -> None:
-    from test_uploader_backend import open_spool, seal
+    from support.spool_rig import open_spool, seal
 
     spool, backend = open_spool(tmp_path / "spool"), FakeBackend()
     up = Uploader(UploadConfig(enabled=True, url=URL), DEVICE, spool,

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import trio
-from faults import Faults, run_backend
 
 from edge_agent import AudioConfig, AudioRecorder, SampleFormat, SystemClock, ToneSource
 from edge_agent.audio.pcm import read_wav
 from edge_agent.fs import FileOps
 from edge_agent.reference import Backend
 from edge_agent.store import HttpStore, KeyBuilder, LocalStore, Store, StoreError, check_key
+
+from support.faults import Faults, run_backend
 
 KEY = "session-123/segment/20261124T053000.000Z-3f9a1c2b"
 

@@ -27,7 +27,7 @@ from edge_agent.config import validate
 from edge_agent.supervisor import Backoff, TaskStatus
 from edge_agent.systemd import Notifier, watchdog_interval
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "hardware" / "systemd" / "edge-agent.service"
 
 

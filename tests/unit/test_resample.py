@@ -15,10 +15,7 @@ from edge_agent.audio.resample import (
     resample,
 )
 
-
-def sine(rate: int, seconds: float, freq: float, amp: float = 1.0) -> np.ndarray:
-    t = np.arange(round(rate * seconds)) / rate
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+from support.signals import sine
 
 
 def peak_hz(x: np.ndarray, rate: int) -> float:

@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--tiny", "--profile",
          "--results", str(out / "results.json"), "--report", str(out / "docs" / "benchmarks.md")],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -16,7 +16,7 @@ import pytest
 
 from edge_agent.config import default_config, load_config, validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install-device"
 PROFILES = sorted((REPO / "hardware" / "profiles").glob("*.toml"))
 EDGE_AGENT = Path(sys.executable).parent / "edge-agent"

@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 import trio
-from faults import Faults, run_backend
 
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import encode_ogg_opus
@@ -21,6 +20,8 @@ from edge_agent.config import validate
 from edge_agent.reference import Backend, SttReceiver
 from edge_agent.ring import AudioRing
 from edge_agent.stt import SttStats, SttStreamer
+
+from support.faults import Faults, run_backend
 
 RATE = 16000
 PATHS = {"openai": "/v1/audio/transcriptions", "deepgram": "/v1/listen", "raw": "/v1/stt/raw"}

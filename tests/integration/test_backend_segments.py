@@ -7,16 +7,17 @@ real network does (refused, reset mid-body, response lost after storing).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from faults import Faults, run_backend
 
 from edge_agent.reference import Backend, list_stored_segments
 from edge_agent.wire import content_digest, stored_sha256
+
+from support import waiting
 
 DEVICE = "dev-1"
 SEG = "20300101T000000.000Z-00c0ffee"
@@ -27,23 +28,14 @@ def headers(body: bytes, **extra: str) -> dict[str, str]:
             "Content-Type": "audio/ogg; codecs=opus", "If-None-Match": "*", **extra}
 
 
-@pytest.fixture
-async def served(tmp_path: Path, nursery: trio.Nursery) -> tuple[Backend, str]:
-    backend = Backend(tmp_path / "backend", faults=Faults())
-    url = await nursery.start(run_backend, backend)
-    return backend, url
+
+# The store answers within moments: a wait past 5 s is a failure.
+until = partial(waiting.until, poll=0.01, limit=5)
 
 
 def seg_url(base: str, seg: str = SEG, device: str = DEVICE) -> str:
     return f"{base}/v1/devices/{device}/segments/{seg}"
 
-
-async def until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(5):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.01)
 
 
 def leftovers(backend: Backend) -> list[Path]:

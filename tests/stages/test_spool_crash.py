@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
-from test_spool import MONO0, FaultyOps, Kill, Rig, assert_clean, decoded_frames, signal_at
 
 from edge_agent.audio.pcm import read_wav
 from edge_agent.fs import FileOps
 from edge_agent.spool import Spool
 from edge_agent.wire import SegmentMeta, SegmentState
+
+from support.spool_rig import MONO0, FaultyOps, Kill, Rig, assert_clean, decoded_frames, signal_at
 
 RATE = 8000
 FSYNC_SECONDS = 1.0

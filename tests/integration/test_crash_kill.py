@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from faults import Faults, run_backend
 
 from edge_agent.audio.opus import decode_ogg_opus, decode_ogg_opus_file, last_complete_page_end
 from edge_agent.clock import SystemClock
@@ -39,6 +38,8 @@ from edge_agent.reference import Backend, list_stored_segments
 from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
 from edge_agent.wire import SegmentState
+
+from support.faults import Faults, run_backend
 
 KILLS = 25
 REALTIME_RUNS = 8

@@ -27,10 +27,7 @@ from edge_agent.audio.pcm import (
     write_wav,
 )
 
-
-def sine(rate: int, seconds: float, freq: float, amp: float = 1.0) -> np.ndarray:
-    t = np.arange(round(rate * seconds)) / rate
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+from support.signals import sine
 
 
 def test_numpy_dtype_matches_format() -> None:

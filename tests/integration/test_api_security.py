@@ -26,7 +26,8 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from test_api import TOKEN, at, serve_agent
+
+from support.api_agent import TOKEN, at, serve_agent
 
 # Random per run: a response that holds it read the planted file; no request can
 # echo it back in an error message, since no request contains it.

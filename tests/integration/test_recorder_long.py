@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
-from test_recorder import FastSource
 
 from edge_agent import AudioConfig, AudioFormat, AudioRecorder, LocalStore
+
+from support.sources import FastSource
 
 pytestmark = pytest.mark.slow
 

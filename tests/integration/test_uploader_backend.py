@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import trio
-from faults import Faults, run_backend
 
 from edge_agent.agent import Agent
 from edge_agent.clock import ManualClock
@@ -33,7 +31,10 @@ from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
 from edge_agent.wire import SegmentMeta, content_digest
 
-DEVICE = "dev-7"
+from support.faults import Faults, run_backend
+from support.spool_rig import DEVICE, open_spool, seal
+from support.waiting import until
+
 RATE = 16000
 
 
@@ -41,26 +42,10 @@ RATE = 16000
 # Helpers
 
 
-def open_spool(root: Path, fs: FileOps | None = None, **segments: Any) -> Spool:
-    config = SegmentsConfig(**{"seconds": 5, "min_free_mb": 0, **segments})
-    spool = Spool(root, device_id=DEVICE, config=config, clock=ManualClock(), fs=fs)
-    spool.recover()
-    return spool
 
 
-_starts = itertools.count()
 
 
-def seal(spool: Spool, seconds: float = 2.0, start_ts: float | None = None) -> SegmentMeta:
-    """Record and seal one segment of a tone (unique per call) into `spool`."""
-    n = next(_starts)
-    start = 1_900_000_000.0 + 10 * n if start_ts is None else start_ts
-    t = np.arange(int(seconds * RATE)) / RATE
-    pcm = (np.sin(2 * np.pi * (300 + 7 * n) * t) * 8000).astype(np.int16)[:, None]
-    writer = spool.open_segment(start_ts=start, mono_start=100.0 + 10 * n, rate=RATE,
-                                channels=1, sample_format="int16", clock_synced=True)
-    writer.write(pcm, 0.0)
-    return spool.seal(writer)
 
 
 def upload_config(base: str, **kw: Any) -> UploadConfig:
@@ -82,13 +67,6 @@ def assert_on_backend_exactly_once(backend: Backend, metas: list[SegmentMeta]) -
     assert list((backend.data_dir / "segments").rglob(".*")) == []  # no temp files
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    """Check every 5 ms (the caller bounds the wait)."""
-    while True:
-        if predicate():
-            return
-        await trio.sleep(0.005)
-
 
 async def drain(uploader: Uploader, spool: Spool, limit: float = 20.0) -> None:
     """Run the uploader until the spool has nothing pending."""
@@ -98,12 +76,6 @@ async def drain(uploader: Uploader, spool: Spool, limit: float = 20.0) -> None:
             await until(lambda: not spool.pending())
             nursery.cancel_scope.cancel()
 
-
-@pytest.fixture
-async def served(tmp_path: Path, nursery: trio.Nursery) -> tuple[Backend, str]:
-    backend = Backend(tmp_path / "backend", faults=Faults())
-    url = await nursery.start(run_backend, backend)
-    return backend, url
 
 
 # ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import httpx
 import numpy as np
 import pytest
 import trio
-from test_recorder import FastSource
 
 from edge_agent.agent import Agent
 from edge_agent.audio.opus import decode_ogg_opus_file
@@ -30,6 +29,8 @@ from edge_agent.config import SegmentsConfig, validate
 from edge_agent.fs import FileOps
 from edge_agent.reference import Backend, list_stored_segments, run_backend
 from edge_agent.spool import Spool
+
+from support.sources import FastSource
 
 RATE = 16000
 TOKEN = "recordings-token-0123456789"

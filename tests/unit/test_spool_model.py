@@ -33,12 +33,13 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from test_spool import UTC0, FaultyOps, signal_at
 
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig
 from edge_agent.spool import SegmentWriter, Spool
 from edge_agent.wire import SegmentState
+
+from support.spool_rig import UTC0, FaultyOps, signal_at
 
 RATE = 8000
 MB = 1024 * 1024
