@@ -345,7 +345,8 @@ class MediaRoutes:
         st = self.stats
         encoder = make_encoder("opus", ring.rate, channels, SampleFormat.FLOAT32,
                                bitrate=bitrate, application="audio",
-                               comments={"ENCODER": "edge-agent", "DEVICE": self.device_id})
+                               comments={"ENCODER": "edge-agent", "DEVICE": self.device_id},
+                               max_page_delay_ms=int(_LIVE_FLUSH * 1000))
         threads = self.encode_runner
         step = max(1, round(_LIVE_FLUSH * ring.rate))
 

@@ -20,8 +20,8 @@ OpusHead "input sample rate" only records what the encoder was fed, and the
 pre-skip (encoder look-ahead, 312 samples at 48 kHz) is removed by the decoder.
 
 All calls into the C libraries go through ctypes, which releases the GIL, so
-encoding and decoding in ``trio.to_thread.run_sync`` runs in parallel with the
-event loop. An encoder instance is not thread-safe: use it from one thread at
+encoding and decoding in a worker thread (``blocking.ThreadRunner``) runs in
+parallel with the event loop. An encoder instance is not thread-safe: use it from one thread at
 a time.
 """
 
@@ -53,7 +53,6 @@ __all__ = [
     "OpusError",
     "decode_ogg_opus",
     "decode_ogg_opus_file",
-    "encode_ogg_opus",
     "last_complete_page_end",
     "ogg_crc32",
 ]
@@ -357,16 +356,6 @@ class OggOpusEncoder:
         # Safety net only; errors at interpreter shutdown are not actionable.
         with contextlib.suppress(Exception):
             self.close()
-
-
-def encode_ogg_opus(pcm: NDArray[Any], rate: int, **kwargs: Any) -> bytes:
-    """Encode a whole block as one complete, independently decodable Ogg Opus file.
-
-    ``kwargs`` are :class:`OggOpusEncoder` options; channels come from ``pcm``.
-    """
-    channels = 1 if pcm.ndim == 1 else int(pcm.shape[1])
-    with OggOpusEncoder(rate, channels, **kwargs) as enc:
-        return enc.write(pcm) + enc.finish()
 
 
 @dataclass(kw_only=True)

@@ -49,7 +49,7 @@ FORMATS: Final = {
     "opus": ("audio.opus", "audio/ogg; codecs=opus"),
     "flac": ("audio.oga", "audio/ogg; codecs=flac"),
     "wav": ("audio.wav", "audio/wav"),
-    # Only recordings cut by recorder.AgentRecordings (published with publish_file).
+    # Only recordings cut by recordings.AgentRecordings (published with publish_file).
     "mp3": ("audio.mp3", "audio/mpeg"),
     "pcm": ("audio.pcm", "application/octet-stream"),
 }

@@ -47,7 +47,7 @@ from edge_agent.api import decode as decode_module
 from edge_agent.api.decode import UnsafePath
 from edge_agent.api.render import StreamResponse
 from edge_agent.audio.flac import OggFlacEncoder, decode_ogg_flac
-from edge_agent.audio.opus import decode_ogg_opus, encode_ogg_opus
+from edge_agent.audio.opus import decode_ogg_opus
 from edge_agent.audio.pcm import SampleFormat, read_wav, write_wav
 from edge_agent.audio.resample import resample
 from edge_agent.clock import iso_utc
@@ -68,6 +68,7 @@ from support.api_agent import (
     make_signal,
     serve_agent,
 )
+from support.signals import encode_ogg_opus
 
 
 def expected(start: float, end: float, *, fill: bool = False) -> NDArray[np.int16]:

@@ -14,7 +14,6 @@ import pytest
 import trio
 
 from edge_agent.agent import Agent
-from edge_agent.audio.opus import encode_ogg_opus
 from edge_agent.clock import ManualClock, iso_utc
 from edge_agent.config import validate
 from edge_agent.reference import Backend, SttReceiver
@@ -22,6 +21,7 @@ from edge_agent.ring import AudioRing
 from edge_agent.stt import SttStats, SttStreamer
 
 from support.faults import Faults, run_backend
+from support.signals import encode_ogg_opus
 
 RATE = 16000
 PATHS = {"openai": "/v1/audio/transcriptions", "deepgram": "/v1/listen", "raw": "/v1/stt/raw"}

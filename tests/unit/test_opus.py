@@ -19,12 +19,13 @@ from edge_agent.audio.opus import (
     OpusError,
     decode_ogg_opus,
     decode_ogg_opus_file,
-    encode_ogg_opus,
     last_complete_page_end,
     ogg_crc32,
 )
 from edge_agent.audio.pcm import SampleFormat, from_float32
 from edge_agent.audio.resample import resample
+
+from support.signals import encode_ogg_opus
 
 FRAME_48K = 960  # one 20 ms Opus frame at the decoder's 48 kHz
 
