@@ -2,6 +2,8 @@
 
 Capture goes into a bounded, time-indexed ring; live STT, durable segments, the
 uploader and the device API read it. The public surface is what is listed here.
+
+The package root only re-exports; no module of the package imports it.
 """
 
 import importlib.metadata as _metadata

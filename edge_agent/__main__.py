@@ -1,4 +1,7 @@
-"""`python -m edge_agent` runs the command line."""
+"""`python -m edge_agent` runs the command line.
+
+Imports only ``cli``.
+"""
 
 import sys
 

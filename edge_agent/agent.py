@@ -6,6 +6,9 @@ cursor. Each long-lived task runs under `Supervisor`, so a failing stage is
 restarted with backoff while the others go on. SIGTERM/SIGINT stop the run;
 stages that must finish something (sealing a segment) do it in a shielded
 scope with its own deadline, so shutdown is bounded.
+
+The composition root, just below ``cli``, ``demo`` and ``recorder``: it may
+import every stage, ``metrics`` and ``systemd``; none of them imports it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Every error a person on site can cause (a bad config, a missing device, a wrong
 argument) ends with one clear line per problem on stderr and exit status 2;
 tracebacks are for bugs only.
+
+The top layer: each command imports what it needs when it runs.
 """
 
 from __future__ import annotations

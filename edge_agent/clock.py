@@ -4,6 +4,8 @@ Trio's clock drives scheduling; capture timestamps need the OS clocks because th
 PortAudio callback runs on a foreign thread. Monotonic time is the truth for
 spans; UTC is what the backend asks for, so whether it is NTP-synchronised is
 recorded with the audio.
+
+Bottom layer: imports nothing of the project.
 """
 
 from __future__ import annotations

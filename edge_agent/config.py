@@ -5,6 +5,9 @@ installer only changes what differs on site. Validation collects *every* problem
 one line each, naming the key path and what was expected, because a person fixing
 a file on a device wants the whole list at once, not one error per attempt.
 Unknown keys are errors: a typo must never be silently ignored.
+
+Bottom layer: imports only ``wire`` and ``errors``; every stage reads its
+section from here, and every rule about the config lives here.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A bundled speech sample is played through `FileSource` at real time into the
 ring and spooled as sealed 5-second Ogg Opus segments under the data directory.
 Each later stage (STT, upload, API) adds itself here so the demo always shows the
 real agent.
+
+The top layer: builds an agent and the reference backend; only ``cli`` imports it.
 """
 
 from __future__ import annotations

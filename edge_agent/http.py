@@ -9,6 +9,8 @@ would hold its connection (and the task writing to it) for good. Where the OS
 has it, TCP_USER_TIMEOUT on the listening socket (inherited by every accepted
 one) has the kernel drop a connection whose data stays unacknowledged, a full
 receive window included, for that long.
+
+Imports only ``supervisor``; the ``api`` stage and the reference backend use it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ exponential backoff, and keeps its state for health reporting. One task failing
 never stops the others: the mic keeps recording while the network is down.
 A task that returns normally is finished (e.g. a file source reached its end)
 and is not restarted.
+
+Bottom layer: imports nothing of the project.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The spool writes it, the device API and the AudioRecorder encode to it, and the
 device API decodes spooled segments. Ogg framing gives every page a CRC, so a
 file cut by a power cut is salvaged page by page, like Ogg Opus.
+
+Part of ``audio/``: no Trio; imports only ``errors`` and ``audio.pcm``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ All calls into the C libraries go through ctypes, which releases the GIL, so
 encoding and decoding in a worker thread (``blocking.ThreadRunner``) runs in
 parallel with the event loop. An encoder instance is not thread-safe: use it from one thread at
 a time.
+
+Part of ``audio/``: no Trio; imports only ``errors`` and ``audio.pcm``.
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pyogg import opus as _lib
 
-from edge_agent.audio.pcm import to_float32
-
 from ..errors import EdgeAgentError
+from .pcm import to_float32
 
 __all__ = [
     "APPLICATIONS",

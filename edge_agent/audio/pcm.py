@@ -5,6 +5,8 @@ per-sample Python loops. Blocks are ``(frames,)`` or ``(frames, channels)``
 arrays of int16, int32 or float32. Float audio is full scale at +-1.0; int32
 audio is left-justified, so 24-bit samples (as ALSA/PortAudio deliver S24 in
 32-bit words) and true 32-bit samples share one scale.
+
+Part of ``audio/``: no Trio; imports nothing else of the project.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Measured on this code (10 kHz full-scale tone, 48 kHz -> 16 kHz, see
 :func:`alias_rejection_db`): sinc_best 152 dB, sinc_medium 122 dB,
 sinc_fastest 101 dB, linear interpolation ~0 dB. sinc_fastest clears the
 90 dB bar and costs about 1/7 of sinc_best's CPU, so it is the default.
+
+Part of ``audio/``: no Trio; imports only ``audio.pcm``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import samplerate
 from numpy.typing import NDArray
 
-from edge_agent.audio.pcm import to_float32
+from .pcm import to_float32
 
 __all__ = [
     "CONVERTERS",

@@ -14,6 +14,8 @@ keeps it monotonic. Capture gaps and clock steps are recorded, never hidden.
 
 The ring is used from the Trio thread only, so it takes no locks; readers copy data
 out before handing it to worker threads.
+
+Bottom layer: imports only ``clock`` and ``errors``.
 """
 
 from .core import AudioRing, RingReader

@@ -18,6 +18,8 @@ agent's own machinery, not a second copy of it:
 
 Keys are ``/``-separated parts of letters, digits and ``._@=+,-`` (a part never
 starts with ``.``), at most 1024 characters: safe as file paths and URL paths.
+
+Just above ``config``: imports only the bottom layer, never a stage or the agent.
 """
 
 from .base import (
