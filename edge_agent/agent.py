@@ -90,7 +90,7 @@ class Agent:
             rate=cap.rate, channels=cap.channels, dtype=cap.format, seconds=config.ring.seconds
         )
         self.source: Source = source or make_source(cap, self.clock)
-        self.supervisor = Supervisor(backoff, routine=(OSError, CaptureError))
+        self.supervisor = Supervisor(backoff, routine=(OSError, CaptureError, ConfigError))
         self.data_dir = Path(config.device.data_dir)
         self.capture_finished = trio.Event()
         self.ready = trio.Event()

@@ -37,9 +37,9 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str, *,
-                 mode: int | None = None) -> None:
+                 mode: int | None = None, replace: bool = True) -> None:
     """Replace ``path`` with ``data`` durably and atomically (`FileOps.write_atomic`)."""
-    FileOps().write_atomic(Path(path), data, mode=mode)
+    FileOps().write_atomic(Path(path), data, mode=mode, replace=replace)
 
 
 def sync_file(f: IO[bytes]) -> None:
@@ -64,10 +64,14 @@ class FileOps:
         self.before("mkdir", str(path))
         path.mkdir(parents=True, exist_ok=True)
 
-    def create(self, path: Path) -> int:
-        """Open a new (or truncated) file for writing; returns the descriptor."""
+    def create(self, path: Path, mode: int = 0o644, *, exclusive: bool = False) -> int:
+        """Open a new (or truncated) file for writing; returns the descriptor.
+
+        ``exclusive``: the file must not exist yet (a private temp file).
+        """
         self.before("create", str(path))
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+        return os.open(path, flags, mode)
 
     def open_rw(self, path: Path) -> int:
         self.before("open", str(path))
@@ -108,13 +112,17 @@ class FileOps:
         os.replace(src, dst)
         self.fsync_dir(dst.parent)
 
-    def write_atomic(self, path: Path, data: bytes | str, *, mode: int | None = None) -> None:
+    def write_atomic(self, path: Path, data: bytes | str, *, mode: int | None = None,
+                     replace: bool = True) -> None:
         """Replace ``path`` with ``data`` so that a reader, a crash or a power cut sees
-        the old file or the new one, never a mix: a private temp file beside it,
+        the old file or the new one, never a mix: a private temp file beside it
+        (mode 0600 while it is written, so a secret is never readable by others),
         fsync, rename, fsync of the directory.
 
         The file keeps its permissions when it exists; a new one gets ``mode``
-        (default 0644). Parent directories are created.
+        (default 0644). Parent directories are created. ``replace=False`` creates
+        the file only if it does not exist yet (`FileExistsError` otherwise): two
+        writers racing to create it never overwrite each other.
         """
         self.makedirs(path.parent)
         if mode is None:
@@ -122,18 +130,22 @@ class FileOps:
         raw = data.encode("utf-8") if isinstance(data, str) else data
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = self.create(tmp)
+            fd = self.create(tmp, 0o600, exclusive=True)
             try:
                 self.write(fd, raw, str(tmp))
                 self.fsync(fd, str(tmp))
             finally:
                 self.close(fd, str(tmp))
             os.chmod(tmp, mode)
-            self.replace(tmp, path)
-        except BaseException:
+            if replace:
+                self.replace(tmp, path)
+            else:
+                self.before("link", f"{tmp} -> {path}")
+                os.link(tmp, path)  # fails if path exists: the first writer wins
+                self.fsync_dir(path.parent)
+        finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise
 
     def rename(self, src: Path, dst: Path) -> None:
         """Atomic rename; never replaces an existing target directory."""

@@ -55,11 +55,13 @@ def load_token(cfg: ApiConfig, data_dir: Path) -> str:
     path = Path(data_dir) / TOKEN_FILE_NAME
     if not path.exists():
         try:
-            write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600)
+            write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600, replace=False)
+            log.info("api token created path=%s", path)
+        except FileExistsError:
+            pass  # another process created it first: that token is the one
         except OSError as exc:
             raise ConfigError([f"api: cannot create the token file {path} "
                                f"({exc.strerror})"]) from None
-        log.info("api token created path=%s", path)
     return read_secret(path, "", pattern=_TOKEN_RE, expected=_TOKEN_EXPECTED)
 
 

@@ -252,8 +252,9 @@ class SoundDeviceSource:
     # Where the previous stream's timeline ended: a reopened stream starts after it.
     _timeline_end: float | None = field(default=None, init=False, repr=False)
     # PortAudio's open and close. An abandoned call that hangs in the driver keeps
-    # its thread slot until it returns, so there are a few slots: reopening goes on.
-    _runner: ThreadRunner = field(default_factory=lambda: ThreadRunner(8), init=False,
+    # its thread slot until it returns, so there are as many slots as Trio's own
+    # default (40): reopening goes on through many hung closes.
+    _runner: ThreadRunner = field(default_factory=lambda: ThreadRunner(40), init=False,
                                   repr=False)
 
     @asynccontextmanager
