@@ -65,6 +65,8 @@ __all__ = ["DeviceApi"]
 log = logging.getLogger(__package__)  # one logger for the whole API
 
 _FILE_CHUNK = 64 * 1024
+#: The largest request head (request line and headers) the API reads.
+MAX_HEAD_BYTES = 16 * 1024
 
 
 def _version() -> str:
@@ -148,16 +150,18 @@ class DeviceApi:
                 Exception: self._internal_error,
             },
         )
+        # No redirect to add a trailing slash: it would be built from the request's
+        # own Host header (an open redirect); such a path is a plain 404.
+        self.app.router.redirect_slashes = False
 
     # -- serving -------------------------------------------------------------
 
     async def run(self, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; reports the bound base URL."""
         self._started_at = trio.current_time()
-        # Request headers are small here: 16 KiB bounds what a client can make us buffer.
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(
-                serve, self, self.config.listen, h11_max_incomplete_size=16 * 1024,
+                serve, self, self.config.listen, h11_max_incomplete_size=MAX_HEAD_BYTES,
                 keep_alive_timeout=self.config.request_timeout_seconds,
                 write_timeout=self.config.request_timeout_seconds))
             self.url = url
@@ -228,6 +232,14 @@ class DeviceApi:
                                                                      counted_send)
 
     def _refuse(self, scope: Scope) -> Response | None:
+        # However the head arrived (Hypercorn bounds only a head still incomplete),
+        # a request whose head is larger than the limit is refused unread.
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if head > MAX_HEAD_BYTES:
+            self.stats.heads_refused += 1
+            return ApiError(431, f"request head of {head} bytes; expected at most "
+                                 f"{MAX_HEAD_BYTES}", "headers").response()
         headers = Headers(scope=scope)
         if headers.get("transfer-encoding") or headers.get("content-length", "0") != "0":
             self.stats.bodies_refused += 1
@@ -372,7 +384,7 @@ class DeviceApi:
 
     async def _segment_file(self, request: Request) -> Response | StreamResponse:
         query_params(request, ())
-        seg_id, meta, _state = self._lookup(request)
+        seg_id, meta, state = self._lookup(request)
         spool = self._spool()
         st = self.stats
         if st.downloads_active >= self.config.max_downloads:
@@ -387,12 +399,17 @@ class DeviceApi:
             log.warning("api refused a segment file id=%s reason=%r", seg_id, str(exc))
             raise ApiError(403, f"segment {seg_id}: its file is not a regular file inside "
                                 "the spool", "id") from None
-        headers = {"ETag": f'"{meta.sha256}"', "Accept-Ranges": "bytes",
+        headers = {"Accept-Ranges": "bytes",
                    "Content-Type": meta.content_type, "Cache-Control": "private, no-transform",
                    "Content-Disposition": f'attachment; filename="{seg_id}.'
                                           f'{EXTENSIONS.get(meta.format, "bin")}"'}
+        # A quarantined file may not hold the bytes its metadata's digest names (that
+        # is often why it is quarantined): it is served without an entity tag.
+        etag = "" if state is SegmentState.QUARANTINED else f'"{meta.sha256}"'
+        if etag:
+            headers["ETag"] = etag
         try:
-            decision = decide_range(headers["ETag"], size,
+            decision = decide_range(etag, size,
                                     if_none_match=request.headers.get("if-none-match"),
                                     range_header=request.headers.get("range"),
                                     if_range=request.headers.get("if-range"))

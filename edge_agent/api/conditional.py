@@ -18,6 +18,19 @@ from dataclasses import dataclass
 __all__ = ["RangeDecision", "decide_range"]
 
 _BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+# A byte position with more digits than this is past the end of any file; reading
+# it as this bound keeps every answer the same without converting huge numbers.
+_MAX_DIGITS = 18
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def _opaque(tag: str) -> str:
+    """An entity tag without its weakness indicator (RFC 9110 weak comparison)."""
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
 
 
 @dataclass(frozen=True)
@@ -35,26 +48,29 @@ def decide_range(etag: str, size: int, *, if_none_match: str | None = None,
                  range_header: str | None = None,
                  if_range: str | None = None) -> RangeDecision:
     """The answer to a GET of a ``size``-byte file whose strong ETag is ``etag``
-    (quoted, as sent in the ``ETag`` header)."""
+    (quoted, as sent in the ``ETag`` header; empty when the file has none, so no
+    tag matches it)."""
+    # If-None-Match compares weakly (W/"x" matches "x"); If-Range strongly.
     if if_none_match is not None and (
             if_none_match.strip() == "*"
-            or etag in [t.strip() for t in if_none_match.split(",")]):
+            or (etag and _opaque(etag) in [_opaque(t) for t in if_none_match.split(",")])):
         return RangeDecision(304, 0, 0)
-    if range_header is None or (if_range is not None and if_range.strip() != etag):
+    if range_header is None or (if_range is not None and (not etag or if_range.strip() != etag)):
         return RangeDecision(200, 0, size)
     m = _BYTE_RANGE.fullmatch(range_header)
     if m is None or (not m.group(1) and not m.group(2)):
         return RangeDecision(200, 0, size)
     a, b = m.group(1), m.group(2)
+    a_pos, b_pos = _position(a) if a else 0, _position(b) if b else 0
     unsatisfiable = RangeDecision(416, 0, 0, f"bytes */{size}")
     if not a:  # the last N bytes
-        n = min(int(b), size)
+        n = min(b_pos, size)
         first, last = size - n, size - 1
         if n == 0:
             return unsatisfiable
     else:
-        first = int(a)
-        last = min(int(b), size - 1) if b else size - 1
-        if first >= size or (b and int(b) < first):
+        first = a_pos
+        last = min(b_pos, size - 1) if b else size - 1
+        if first >= size or (b and b_pos < first):
             return unsatisfiable
     return RangeDecision(206, first, last - first + 1, f"bytes {first}-{last}/{size}")

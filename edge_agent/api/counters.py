@@ -22,6 +22,7 @@ class ApiStats:
     responses: dict[int, int] = field(default_factory=dict)  # by status code
     unauthorized: int = 0
     bodies_refused: int = 0
+    heads_refused: int = 0  # 431: request heads over the limit
     timeouts: int = 0
     errors: int = 0  # 500: bugs
     audio_requests: int = 0
@@ -57,6 +58,8 @@ class ApiCollector:
             ("requests", "API requests.", s.requests),
             ("unauthorized", "Requests without a valid token.", s.unauthorized),
             ("timeouts", "Requests that did not start a response in time.", s.timeouts),
+            ("heads_refused", "Requests refused for a head over the size limit (431).",
+             s.heads_refused),
             ("audio_busy", "/v1/audio requests turned away (503).", s.audio_busy),
             ("audio_aborted", "Audio responses cut off.", s.audio_aborted),
             ("audio_seconds", "Seconds of audio planned into responses.", s.audio_seconds),

@@ -92,6 +92,8 @@ def query_params(request: Request, allowed: Iterable[str]) -> dict[str, str]:
     return out
 
 
+# Times the device can hold audio for; any of them prints as ISO 8601 UTC.
+_LAST_UTC = 253370764800.0  # 9999-01-01T00:00:00Z
 _TZ_SPACE = re.compile(r" (\d\d(:?\d\d)?)$")
 
 
@@ -119,9 +121,13 @@ def parse_utc(name: str, text: str) -> float:
         raise ApiError(400, f"{name}: expected a timezone (Z or +HH:MM) in {show(text)}; a "
                             "time without one is ambiguous", name)
     try:
-        return when.timestamp()
+        utc = when.timestamp()
     except (OverflowError, OSError, ValueError):
-        raise ApiError(400, f"{name}: time out of range, got {show(text)}", name) from None
+        utc = -1.0
+    if not 0.0 <= utc < _LAST_UTC:
+        raise ApiError(400, f"{name}: expected a time from 1970 to 9998, got {show(text)}",
+                       name)
+    return utc
 
 
 def time_param(params: dict[str, str], name: str, *, required: bool) -> float | None:

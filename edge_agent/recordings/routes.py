@@ -23,8 +23,8 @@ __all__ = ["recording_routes"]
 
 def _error(status: int, message: str, parameter: str | None = None, *,
            headers: Mapping[str, str] | None = None) -> Response:
-    """The device API's error body: what is wrong and, if one, which parameter."""
-    body: dict[str, str] = {"error": message}
+    """The device API's error body: what is wrong, the status and, if one, which parameter."""
+    body: dict[str, str | int] = {"error": message, "status": status}
     if parameter is not None:
         body["parameter"] = parameter
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
