@@ -29,7 +29,7 @@ from .api import DeviceApi
 from .blocking import ThreadRunner
 from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
-from .config import AgentConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, config_warnings, load_config
 from .metrics import AgentParts, agent_status, component_health, make_registry
 from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
@@ -246,6 +246,8 @@ class Agent:
                 nursery.start_soon(self._notify_systemd, notifier)
             for name, fn in self._tasks:
                 await self.supervisor.start(nursery, name, fn)
+            for warning in config_warnings(self.config):
+                log.warning("config %s", warning)
             log.info("agent ready device=%s tasks=%s", self.config.device.id,
                      ",".join(n for n, _ in self._tasks))
             self.ready.set()

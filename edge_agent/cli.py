@@ -141,7 +141,9 @@ def _config(args: argparse.Namespace) -> int:
         print(f"wrote {args.path}")
         return 0
     if action == "check":
-        cfgmod.load_config(args.path)
+        checked = cfgmod.load_config(args.path)
+        for line in cfgmod.config_warnings(checked):
+            print(f"warning: {args.path}: {line}", file=sys.stderr)
         print(f"{args.path}: ok")
         return 0
     if action == "show":

@@ -406,6 +406,22 @@ def check_api_config(cfg: ApiConfig) -> list[str]:
     return problems
 
 
+def config_warnings(cfg: AgentConfig) -> list[str]:
+    """Settings that are valid but that a service will likely refuse (no I/O).
+
+    Shown by ``config check`` and logged at start; they never stop the agent,
+    since a self-hosted server may not need what a hosted one does.
+    """
+    warnings: list[str] = []
+    stt = cfg.stt
+    if stt.enabled and stt.protocol in ("openai", "deepgram") and not stt.model:
+        hint = "whisper-1" if stt.protocol == "openai" else "nova-2"
+        warnings.append(f'stt.model: empty with stt.protocol = "{stt.protocol}"; hosted '
+                        f"services and most servers refuse a request without one "
+                        f'(e.g. "{hint}")')
+    return warnings
+
+
 # ----------------------------------------------------------------------------
 # Secrets
 

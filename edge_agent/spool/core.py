@@ -95,8 +95,13 @@ class Spool:
     @property
     def degraded_reason(self) -> str | None:
         """Why the spool is not healthy now, or None: a disk error not yet overcome,
-        or unsynced audio evicted by the last quota check."""
-        return self._disk_error or self._loss_note
+        unsynced audio evicted by the last quota check, or quarantined segments held
+        (audio the backend will never get unless somebody looks at it; the state
+        clears when they are gone)."""
+        quarantined = self.stats.quarantined_segments
+        held = (f"{quarantined} quarantined segment(s) held, never to be uploaded "
+                "(see /v1/segments?state=quarantined)") if quarantined else None
+        return self._disk_error or self._loss_note or held
 
     @property
     def healthy(self) -> bool:

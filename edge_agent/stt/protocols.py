@@ -99,8 +99,13 @@ def _check_status(resp: httpx.Response, now_utc: float) -> None:
 
 
 def _json_text(resp: httpx.Response, path: Callable[[Any], Any]) -> str:
+    if resp.headers.get("content-type", "").split(";")[0].strip().lower() == "text/plain":
+        return resp.text.strip()  # e.g. response_format=text
     try:
         doc = json.loads(resp.content)
+        if isinstance(doc, dict) and "error" in doc and "text" not in doc:
+            # whisper.cpp's server answers 200 {"error": ...} when it cannot decode.
+            raise Rejected(f"status={resp.status_code} error={_excerpt(resp)!r}")
         text = path(doc)
     except (ValueError, LookupError, TypeError) as exc:
         raise Malformed(f"status={resp.status_code} unexpected answer "

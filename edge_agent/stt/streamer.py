@@ -54,6 +54,9 @@ __all__ = ["SttStats", "SttStreamer"]
 
 log = logging.getLogger(__name__)
 
+#: Chunks refused in a row (4xx, malformed answers) before health says degraded.
+REFUSALS_DEGRADE = 3
+
 # Reads from the ring are capped so one step never holds much audio.
 _MAX_READ_SECONDS: Final = 1.0
 
@@ -74,6 +77,7 @@ class SttStats:
     requests: int = 0
     retries: int = 0  # failed attempts followed by another
     consecutive_failures: int = 0
+    consecutive_refusals: int = 0  # chunks rejected or answered malformed, in a row
     dropped_overflow: int = 0  # pushed out of the full backlog
     dropped_stale: int = 0  # older than max_age_seconds before it got through
     dropped_rejected: int = 0  # a 4xx that retrying cannot fix
@@ -178,6 +182,11 @@ class SttStreamer:
         if self.stats.consecutive_failures:
             return (f"{self.stats.consecutive_failures} failed STT requests in a row: "
                     f"{self.stats.last_error}")
+        if self.stats.consecutive_refusals >= REFUSALS_DEGRADE:
+            # One bad chunk is the chunk's fault; several in a row are the setup's
+            # (a wrong key, model or URL): every transcript is being lost.
+            return (f"{self.stats.consecutive_refusals} STT chunks in a row refused or "
+                    f"answered malformed: {self.stats.last_error}")
         return None
 
     @property
@@ -374,12 +383,14 @@ class SttStreamer:
             except Rejected as exc:
                 self._given_up(chunk, "rejected", str(exc))
                 stats.dropped_rejected += 1
-                stats.consecutive_failures = 0  # the endpoint is up; this chunk is bad
+                stats.consecutive_failures = 0  # the endpoint is up, but refuses
+                stats.consecutive_refusals += 1
                 return None
             except Malformed as exc:
                 self._given_up(chunk, "bad_response", str(exc))
                 stats.bad_responses += 1
                 stats.consecutive_failures = 0
+                stats.consecutive_refusals += 1
                 return None
             except (RetryLater, httpx.RequestError, trio.TooSlowError) as exc:
                 reason = str(exc) or type(exc).__name__
@@ -416,6 +427,7 @@ class SttStreamer:
         stats.chunks_sent += 1
         stats.bytes_sent += len(chunk.ogg)
         stats.consecutive_failures = 0
+        stats.consecutive_refusals = 0
         stats.last_latency_seconds = latency
         stats.latency.observe(latency)
         stats.last_success_at = trio.current_time()

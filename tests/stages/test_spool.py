@@ -356,6 +356,22 @@ def seal_one(spool: Spool, start: float, seconds: float = 1.0, rate: int = 8000)
     return spool.seal(writer)
 
 
+def test_a_held_quarantined_segment_degrades_health(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, device_id="dev-1", config=SegmentsConfig(format="wav"),
+                  clock=ManualClock())
+    spool.recover()
+    a, b = seal_one(spool, UTC0), seal_one(spool, UTC0 + 5)
+    assert spool.degraded_reason is None
+    spool.quarantine(a.id, "backend said 400")
+    assert spool.degraded_reason == ("1 quarantined segment(s) held, never to be uploaded "
+                                     "(see /v1/segments?state=quarantined)")
+    fresh = Spool(tmp_path, device_id="dev-1", config=SegmentsConfig(format="wav"),
+                  clock=ManualClock())
+    fresh.recover()  # a restart does not hide it
+    assert fresh.degraded_reason is not None and fresh.degraded_reason.startswith("1 quar")
+    assert [m.id for m in fresh.pending()] == [b.id]  # the rest still goes up
+
+
 def test_states_are_durable_and_survive_a_restart(tmp_path: Path) -> None:
     config = SegmentsConfig(format="wav")
     spool = Spool(tmp_path, device_id="dev-1", config=config, clock=ManualClock())

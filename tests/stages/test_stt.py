@@ -284,7 +284,9 @@ async def test_retry_after_is_honoured_and_stale_chunks_are_dropped(
 async def test_rejections_and_garbage_are_dropped_at_once_and_counted(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    answers = [httpx.Response(400, text="bad audio"), httpx.Response(200, text='{"text": '),
+    answers = [httpx.Response(400, text="bad audio"),
+               httpx.Response(200, content=b'{"text": ',
+                              headers={"Content-Type": "application/json"}),
                httpx.Response(200, json={"words": []}), httpx.Response(204), ok("fine")]
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -302,6 +304,54 @@ async def test_rejections_and_garbage_are_dropped_at_once_and_counted(
     assert (st.dropped_rejected, st.bad_responses, st.chunks_empty, st.chunks_sent) == (1, 2, 1, 2)
     assert [t.seq for t in s.recent] == [4]
     assert st.chunks_cut == st.chunks_sent + st.dropped + st.backlog_chunks
+
+
+async def run_until_idle(s: SttStreamer) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        with trio.fail_after(60):
+            await s.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
+async def test_chunks_refused_in_a_row_degrade_health_until_one_gets_through(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    answers = [httpx.Response(401, json={"error": "invalid api key"}) for _ in range(3)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0) if answers else ok("back")
+
+    s = streamer(tmp_path, stt_cfg(), handler)
+    write_seconds(s, 2.0)
+    await run_until_idle(s)
+    assert s.degraded() is None  # two refusals: maybe the chunks, not the setup
+    write_seconds(s, 1.0, at=2.0)
+    await run_until_idle(s)
+    reason = s.degraded()
+    assert reason is not None and reason.startswith("3 STT chunks in a row refused")
+    assert "status=401" in reason and "invalid api key" in reason
+    write_seconds(s, 1.0, at=3.0)
+    await run_until_idle(s)
+    assert s.degraded() is None and [t.text for t in s.recent] == ["back"]
+
+
+async def test_plain_text_answers_are_transcripts_and_an_error_in_a_200_is_a_refusal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    answers = [httpx.Response(200, text="hello there\n"),  # response_format=text
+               httpx.Response(200, json={"error": "failed to read audio data"})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    s = streamer(tmp_path, stt_cfg(), handler)
+    write_seconds(s, 2.0)
+    await run_until_idle(s)
+    st = s.statistics()
+    assert [t.text for t in s.recent] == ["hello there"]
+    assert (st.chunks_sent, st.dropped_rejected, st.bad_responses) == (1, 1, 0)
+    assert "failed to read audio data" in st.last_error
 
 
 async def test_a_hung_endpoint_bounds_the_backlog_and_drops_exactly_the_excess(

@@ -50,6 +50,22 @@ def test_check_accepts_the_default(cfg_file: Path, capsys: pytest.CaptureFixture
     assert run_cli(capsys, "config", "check", str(cfg_file)) == (0, f"{cfg_file}: ok\n", "")
 
 
+def test_check_warns_about_an_empty_model_for_hosted_protocols(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('[stt]\nenabled = true\nprotocol = "openai"\n'
+                    'url = "https://api.openai.com/v1/audio/transcriptions"\n')
+    code, out, err = run_cli(capsys, "config", "check", str(path))
+    assert code == 0 and out.strip() == f"{path}: ok"
+    assert err.strip().splitlines() == [
+        f'warning: {path}: stt.model: empty with stt.protocol = "openai"; hosted services '
+        'and most servers refuse a request without one (e.g. "whisper-1")']
+    path.write_text(path.read_text() + 'model = "whisper-1"\n')
+    code, out, err = run_cli(capsys, "config", "check", str(path))
+    assert code == 0 and err == ""
+
+
 def test_bad_values_get_one_line_each_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
