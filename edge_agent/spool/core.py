@@ -48,7 +48,7 @@ from .model import (
     check_id,
     encode_json,
 )
-from .quota import expired, loss_note, over_quota, quota_limit
+from .quota import expired, headroom, loss_note, over_quota, quota_limit
 from .recovery import Recovery
 from .writer import SegmentWriter
 
@@ -456,8 +456,9 @@ class Spool:
 
         Order: synced segments past ``retain_synced_hours`` (always), then synced ones
         oldest first, then quarantined ones, then, only when unsynced audio alone is
-        over the limit, unsynced ones oldest first: each logged and counted as loss.
-        The decisions are the pure functions of ``quota``.
+        over the limit, unsynced ones oldest first but never the newest: each logged
+        and counted as loss. The disk keeps room for one more segment even with
+        ``min_free_mb = 0``. The decisions are the pure functions of ``quota``.
 
         Raises:
             OSError: The disk could not be queried or a segment not removed.
@@ -473,7 +474,7 @@ class Spool:
             held = self.index.held()
             limit = quota_limit(used=sum(h.bytes for h in held), free=free,
                                 max_bytes=cfg.max_spool_mb * MB,
-                                min_free_bytes=cfg.min_free_mb * MB)
+                                min_free_bytes=cfg.min_free_mb * MB, headroom=headroom(held))
             evicted_unsynced = 0
             for h in over_quota(held, limit=limit):
                 self._evict(h.id)

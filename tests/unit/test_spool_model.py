@@ -8,9 +8,11 @@ the model says, exactly.
 
 The model is the rule as specified, written plainly: a segment's audio costs
 ``44 + 2 * frames`` bytes (16-bit mono WAV); the spool may use at most
-``min(max_spool_mb, disk - other_usage - min_free_mb)``; eviction takes synced
-segments past retention, then synced, then quarantined, then unsynced ones, each
-group oldest first, and only unsynced evictions count as loss. WAV is used so that
+``max(0, min(max_spool_mb, disk - other_usage - max(min_free_mb, largest segment)))``;
+eviction takes synced segments past retention, then synced, then quarantined, then
+unsynced ones but never the newest, each group oldest first, and only unsynced
+evictions count as loss. Health is degraded by a disk error, a loss, or a held
+quarantined segment. WAV is used so that
 what a crash leaves is exact (every write is followed by an fsync here).
 """
 
@@ -151,13 +153,18 @@ class SpoolMachine(RuleBasedStateMachine):
             if seg.state is SegmentState.SYNCED and now - seg.end_ts >= 2 * 3600:
                 del self.segs[seg_id]
                 self.count("evicted_expired")
-        cap = min(CONFIG.max_spool_mb * MB, DISK - self.disk.other - CONFIG.min_free_mb * MB)
+        # Room for one more segment like the largest held, and never a negative cap.
+        room = max(CONFIG.min_free_mb * MB, max((s.bytes for s in self.segs.values()), default=0))
+        cap = max(0, min(CONFIG.max_spool_mb * MB, DISK - self.disk.other - room))
         used = sum(s.bytes for s in self.segs.values())
         lost_now = 0
+        newest_unsynced = max(self.ids(SegmentState.SEALED), default=None)
         for state in (SegmentState.SYNCED, SegmentState.QUARANTINED, SegmentState.SEALED):
             for seg_id in sorted(i for i, s in self.segs.items() if s.state is state):
                 if used <= cap:
                     break
+                if seg_id == newest_unsynced:  # never evicted: the uploader sends it next
+                    continue
                 seg = self.segs.pop(seg_id)
                 used -= seg.bytes
                 name = {SegmentState.SYNCED: "evicted_synced",
@@ -308,11 +315,14 @@ class SpoolMachine(RuleBasedStateMachine):
             assert getattr(stats, name) == self.counts.get(name, 0), name
         assert stats.evicted_unsynced_seconds == pytest.approx(self.lost_seconds)
         reason = spool.degraded_reason
-        assert (reason is not None) == (self.disk_error or self.loss_note), reason
+        quarantined = bool(self.ids(SegmentState.QUARANTINED))
+        assert (reason is not None) == (self.disk_error or self.loss_note or quarantined), reason
         if self.disk_error:
             assert reason is not None and reason.startswith("disk full: ENOSPC")
         elif self.loss_note:
             assert reason is not None and reason.startswith("unsynced audio evicted")
+        elif quarantined:
+            assert reason is not None and "quarantined segment(s) held" in reason
 
 
 SpoolMachine.TestCase.settings = settings(

@@ -3,7 +3,7 @@ audio only as a last resort, each state oldest first."""
 
 from __future__ import annotations
 
-from edge_agent.spool.quota import Held, expired, loss_note, over_quota, quota_limit
+from edge_agent.spool.quota import Held, expired, headroom, loss_note, over_quota, quota_limit
 from edge_agent.wire import SegmentState
 
 SEALED, SYNCED, QUARANTINED = SegmentState.SEALED, SegmentState.SYNCED, SegmentState.QUARANTINED
@@ -49,3 +49,21 @@ def test_expired_synced_segments_only_and_oldest_first() -> None:
 def test_a_loss_is_reported_only_when_unsynced_audio_went() -> None:
     assert loss_note(0, 10 << 20) is None
     assert loss_note(2, 10 << 20) == "unsynced audio evicted: 2 segment(s) to stay within 10.0 MB"
+
+
+def test_a_disk_filled_by_others_gives_no_negative_limit_and_keeps_the_newest_unsynced() -> None:
+    # The spool holds 300 bytes, the disk has 10 left, 1000 must stay free.
+    limit = quota_limit(used=300, free=10, max_bytes=10_000, min_free_bytes=1000)
+    assert limit == 0
+    segs = [held("1", SYNCED), held("2", SEALED), held("3", SEALED)]
+    assert [h.id for h in over_quota(segs, limit=limit)] == ["1", "2"]
+
+
+def test_the_disk_keeps_room_for_one_more_segment_even_without_min_free() -> None:
+    segs = [held("1", SYNCED, 400), held("2", SYNCED, 300), held("3", SEALED, 100)]
+    room = headroom(segs)
+    assert room == 400
+    # A full disk (nothing free) and min_free_mb = 0: synced audio makes the room.
+    limit = quota_limit(used=800, free=0, max_bytes=10_000, min_free_bytes=0, headroom=room)
+    assert limit == 400
+    assert [h.id for h in over_quota(segs, limit=limit)] == ["1"]
