@@ -56,6 +56,7 @@ __all__ = [
     "decode_ogg_opus_file",
     "last_complete_page_end",
     "ogg_crc32",
+    "opus_packet_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -498,6 +499,17 @@ def decode_ogg_opus_file(path: str | os.PathLike[str]) -> DecodedOpus:
 
 _BIT_REVERSED: Final = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 _OGG_HEADER: Final = 27
+
+
+def opus_packet_samples(packet: bytes) -> int:
+    """Samples at 48 kHz one Opus packet holds (libopus reads its TOC); 0 if invalid."""
+    if not packet:
+        return 0
+    # pyogg declares the packet as a zero-length ubyte array: point one at the bytes.
+    data = bytearray(packet)
+    buf = (ctypes.c_ubyte * 0).from_buffer(data)
+    n = int(_lib.opus_packet_get_nb_samples(buf, len(data), DECODE_RATE))
+    return max(n, 0)
 
 
 def ogg_crc32(page: bytes | bytearray | memoryview) -> int:

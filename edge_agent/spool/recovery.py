@@ -237,6 +237,8 @@ class Recovery:
             fs.truncate(fd, kept.keep_bytes, str(audio))
             for offset, data in kept.patches:
                 fs.pwrite(fd, data, offset, str(audio))
+            if kept.tail:  # the intact pages from past damage, spliced on
+                fs.pwrite(fd, kept.tail, kept.keep_bytes, str(audio))
             fs.fsync(fd, str(audio))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -244,8 +246,13 @@ class Recovery:
             raise
         fs.close(fd, str(audio))
         seconds = kept.frames / header.rate
-        self.publish(src, header, frames=kept.frames, mono_end=header.mono_start + seconds,
-                     gaps=list(header.gaps), clock_steps=list(header.clock_steps),
+        lost = sum(g.seconds for g in kept.gaps)
+        if kept.gaps:
+            log.warning("salvaged past damage id=%s gaps=%d lost_seconds=%.3f", name,
+                        len(kept.gaps), lost)
+        self.publish(src, header, frames=kept.frames,
+                     mono_end=header.mono_start + seconds + lost,
+                     gaps=[*header.gaps, *kept.gaps], clock_steps=list(header.clock_steps),
                      recovered=True)
         report.recovered.append(name)
         report.recovered_seconds += seconds

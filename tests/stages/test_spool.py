@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -283,6 +284,37 @@ def test_recovery_salvages_a_segment_cut_by_a_crash(tmp_path: Path, fmt: str) ->
     else:
         np.testing.assert_array_equal(decoded, signal_at(0, meta.frames, 8000))
     assert meta.end_ts == pytest.approx(UTC0 + meta.frames / 8000)
+    assert_clean(tmp_path)
+
+
+def test_recovery_resynchronises_past_damage_and_records_the_hole_as_a_gap(
+        tmp_path: Path) -> None:
+    config = SegmentsConfig(format="opus", fsync_seconds=1.0)
+    spool = Spool(tmp_path, device_id="dev-1", config=config, clock=ManualClock())
+    spool.recover()
+    written = crash_while_recording(spool, 7.3)
+    [tmp_dir] = (tmp_path / "tmp").iterdir()
+    audio = tmp_dir / "audio.opus"
+    data = bytearray(audio.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 32] = b"\xaa" * 32  # a bad block in the middle of the file
+    audio.write_bytes(bytes(data))
+
+    fresh = Spool(tmp_path, device_id="dev-1", config=config, clock=ManualClock())
+    report = fresh.recover()
+    [meta] = fresh.pending()
+    assert report.recovered == [meta.id] and meta.recovered and fresh.verify(meta.id)
+    [gap] = meta.gaps
+    assert gap.reason == "damage" and 0.0 < gap.seconds <= 1.1  # one page of audio
+    # The pages after the damage are kept: all but the damaged page and the
+    # page the crash cut off (each at most a second, plus look-ahead).
+    assert meta.frames >= written - 2 * 8000 - 400
+    assert meta.frames + gap.seconds * 8000 == pytest.approx(written, abs=8400)
+    # The spliced file decodes whole, and its timeline counts the hole.
+    decoded = decoded_frames(meta, fresh.audio_path(meta.id))
+    assert len(decoded) == pytest.approx(meta.frames * 6, abs=6)
+    assert meta.end_ts == pytest.approx(UTC0 + meta.frames / 8000 + gap.seconds)
+    assert UTC0 < datetime.fromisoformat(gap.utc).timestamp() < meta.end_ts
     assert_clean(tmp_path)
 
 
