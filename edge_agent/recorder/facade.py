@@ -28,8 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,17 @@ def _timestamp(value: datetime, name: str) -> float:
     return value.timestamp()  # naive datetimes are local time, as Python defines it
 
 
+@dataclass
+class _Host:
+    """What `init` and `close` share with the system task running the agent."""
+
+    started: trio.Event = field(default_factory=trio.Event)
+    closing: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    nursery: trio.Nursery | None = None
+    error: Exception | None = None
+
+
 class AudioRecorder:
     """Records the microphone into a bounded ring, uploads recordings to `store`.
 
@@ -154,7 +164,7 @@ class AudioRecorder:
         self._own_work_dir = False
         self._layout = PcmLayout(SampleFormat.INT16)
         self._agent: Agent | None = None
-        self._stack: AsyncExitStack | None = None
+        self._host_state: _Host | None = None
         self._nursery: trio.Nursery | None = None
         self._session: _Session | None = None
         self._cleared_before = 0
@@ -243,29 +253,55 @@ class AudioRecorder:
             if own:
                 shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        stack = AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        try:
-            with trio.move_on_after(self.open_timeout) as scope:
-                await nursery.start(self._run_agent, agent)
-            health = agent.tasks.get("capture")
-            if scope.cancelled_caught:
-                raise CaptureError(f"the audio input did not open within {self.open_timeout:g} s")
-            if health is not None and health.state == "backoff":
-                raise CaptureError(f"cannot open the audio input: {health.last_error}")
-        except BaseException:
-            agent.stop()
-            nursery.cancel_scope.cancel()
-            await stack.aclose()
+        # The agent runs in a Trio system task of its own, not in a nursery opened
+        # here: `init()` and `close()` are often called from different places (no
+        # `async with`, an exception in between, other cancel scopes around either),
+        # and a nursery must be closed where it was opened.
+        host = _Host()
+        trio.lowlevel.spawn_system_task(self._host, agent, host, name="edge-agent recorder")
+        await host.started.wait()
+        if host.error is not None:
+            await host.done.wait()
             if own:
                 shutil.rmtree(work_dir, ignore_errors=True)
-            raise
-        nursery.start_soon(self._watch_capture, agent)
-        self._agent, self._stack, self._nursery = agent, stack, nursery
+            raise host.error
+        assert host.nursery is not None
+        self._agent, self._host_state, self._nursery = agent, host, host.nursery
         self._work_dir, self._own_work_dir, self._layout = work_dir, own, layout
         self._cleared_before = 0
         log.info("recorder ready rate=%d channels=%d format=%s ring_seconds=%g",
                  self.config.rate, self.config.channels, layout.name, self.ring_seconds)
+
+    async def _host(self, agent: Agent, host: _Host) -> None:
+        """The system task that runs the agent until `close` (or the end of the run)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    with trio.move_on_after(self.open_timeout) as scope:
+                        await nursery.start(self._run_agent, agent)
+                    health = agent.tasks.get("capture")
+                    if scope.cancelled_caught:
+                        raise CaptureError(
+                            f"the audio input did not open within {self.open_timeout:g} s")
+                    if health is not None and health.state == "backoff":
+                        raise CaptureError(f"cannot open the audio input: {health.last_error}")
+                except Exception as exc:
+                    host.error = exc
+                    agent.stop()
+                    nursery.cancel_scope.cancel()
+                    return
+                finally:
+                    host.nursery = nursery
+                    host.started.set()
+                nursery.start_soon(self._watch_capture, agent)
+                await host.closing.wait()
+                agent.stop()
+                nursery.cancel_scope.cancel()
+        except Exception:  # a system task must not raise: the whole run would end
+            log.exception("recorder capture failed")
+        finally:
+            host.started.set()
+            host.done.set()
 
     async def _run_agent(self, agent: Agent, task_status: TaskStatus) -> None:
         await agent.run(systemd=False, task_status=task_status)
@@ -293,15 +329,15 @@ class AudioRecorder:
         except Exception as exc:
             error = exc
         finally:
-            agent, stack, nursery = self._agent, self._stack, self._nursery
-            self._agent = self._stack = self._nursery = None
+            agent, host = self._agent, self._host_state
+            self._agent = self._host_state = self._nursery = None
             self._session = None
             agent.stop()
             self._wake.wake_all()
-            if nursery is not None:
-                nursery.cancel_scope.cancel()
-            if stack is not None:
-                await stack.aclose()
+            if host is not None:
+                host.closing.set()
+                with trio.CancelScope(shield=True):
+                    await host.done.wait()
             if self._own_work_dir and self._work_dir is not None:
                 work_dir = self._work_dir
                 await self._io_runner.run(lambda: shutil.rmtree(work_dir, ignore_errors=True))

@@ -251,6 +251,35 @@ async def test_start_records_and_stop_uploads_the_audio_with_metadata(
     assert list((tmp_path / "work").iterdir()) == []  # the local copy is gone once uploaded
 
 
+async def test_bare_init_and_close_in_other_scopes_with_an_error_between(
+    tmp_path: Path, noise_file: tuple[Path, np.ndarray], autojump_clock: Any
+) -> None:
+    """As the reference's users write it: init() and close() without `async with`,
+    from different cancel scopes, an exception in between; the open recording is
+    still uploaded at close()."""
+    path, _audio = noise_file
+    rec = recorder(tmp_path, file_source(path))
+    with trio.CancelScope():  # init() inside a scope that is gone before close()
+        await rec.init()
+        key = await rec.start("session-123", "segment")
+    try:
+        with trio.move_on_after(100):  # close() inside a scope opened after init()
+            await trio.sleep(1.0)
+            try:
+                raise ValueError("the caller's own code failed")
+            finally:
+                await rec.close()
+    except ValueError:
+        pass
+    assert not rec.is_recording
+    store = LocalStore(tmp_path / "store")
+    assert await store.list() == [key]
+    stored, rate = read_wav(io.BytesIO(await store.download(key)))
+    assert rate == RATE and len(stored) / RATE == pytest.approx(1.0, abs=0.05)
+    await rec.init()  # and it opens again
+    await rec.close()
+
+
 async def test_start_twice_and_stop_when_idle_raise(
     tmp_path: Path, autojump_clock: Any
 ) -> None:
