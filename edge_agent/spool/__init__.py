@@ -18,8 +18,9 @@ for crashes and power cuts:
   or -> ``quarantine/<id>`` with a ``reason.txt`` (never uploaded). Deletion renames
   into ``trash/`` first, so a crash never leaves half a segment in a listed state.
 * **Recovery** (once at start) seals whatever a crash left in ``tmp/``: complete seals
-  are finished; otherwise the audio is salvaged up to its last complete, CRC-valid
-  Ogg page (Opus, Ogg FLAC) or last whole frame (WAV) and sealed with
+  are finished; otherwise the audio is salvaged: every complete, CRC-valid Ogg page
+  (Opus: pages after damage are spliced on and the hole becomes a gap; Ogg FLAC: up
+  to the first damage) or up to the last whole durable frame (WAV), and sealed with
   ``recovered=True``; nothing salvageable is removed; anything unreadable goes to
   quarantine with a reason.
 * **Quota**: ``max_spool_mb`` and ``min_free_mb`` bound the spool. Synced segments go
