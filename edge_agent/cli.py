@@ -10,6 +10,7 @@ The top layer: each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -211,10 +212,22 @@ def _levels(path: Path | None, device: str | None, seconds: float) -> int:
     return 0
 
 
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files to the hard one: the API's connections,
+    the spool, STT and uploads all hold descriptors (the unit sets LimitNOFILE)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _run(path: Path) -> int:
     from .agent import Agent
 
     config = cfgmod.load_config(path)
+    _raise_descriptor_limit()
     agent = Agent(config, config_path=path)  # SIGHUP re-reads the file
     trio.run(lambda: agent.run(handle_signals=True))
     return 0

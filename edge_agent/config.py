@@ -174,6 +174,9 @@ class ApiConfig(_Section):
     audio_queue_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
     # Segment downloads served at once; more get 503 + Retry-After.
     max_downloads: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    # Client connections served at once (each holds a file descriptor); a few more
+    # are let in for /healthz and /metrics only; past that new ones are closed.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     # Listeners of /v1/live at once, and the longest one listens.
     max_live_listeners: Annotated[int, msgspec.Meta(ge=0, le=64)] = 4
     live_max_seconds: PositiveSeconds = 3600.0

@@ -10,25 +10,46 @@ has it, TCP_USER_TIMEOUT on the listening socket (inherited by every accepted
 one) has the kernel drop a connection whose data stays unacknowledged, a full
 receive window included, for that long.
 
+The accept loop is ours, each connection served by Hypercorn's own connection
+handler: one connection that fails inside Hypercorn (a malformed request it
+cannot parse) is logged and closed, never the server and its other connections;
+and ``max_connections`` bounds the descriptors a client can make the process
+hold. A few connections beyond the cap are still accepted to answer health
+checks (``reserve_paths``; everything else on them gets 503) and closed after
+two seconds; past that, new connections are closed at once. Both are counted in `ConnectionStats`.
+
 Imports only ``supervisor``; the ``api`` stage and the reference backend use it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import math
 import socket
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from .supervisor import TaskStatus
 
-__all__ = ["hypercorn_config", "serve"]
+__all__ = ["ConnectionStats", "hypercorn_config", "serve"]
 
 log = logging.getLogger(__name__)
+
+# accept() failures that mean "out of descriptors or memory for now": wait, go on.
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_PAUSE: Final = 0.1
+# How long a connection over the cap may stay open (it serves health checks only).
+_RESERVE_SECONDS: Final = 2.0
 
 
 def hypercorn_config(bind: str, **options: Any) -> Config:
@@ -43,16 +64,82 @@ def hypercorn_config(bind: str, **options: Any) -> Config:
     return cfg
 
 
+@dataclass
+class ConnectionStats:
+    """Connections of one server, for metrics."""
+
+    open: int = 0
+    accepted: int = 0
+    refused: int = 0  # closed at accept: over the cap and its reserve
+    reserved: int = 0  # accepted over the cap, for health checks only
+    failed: int = 0  # ended by an error inside the HTTP handling (logged)
+
+
+class _Counted(trio.abc.HalfCloseableStream):
+    """A connection's stream that reports when it is closed: Hypercorn closes the
+    socket as soon as a connection is over, but keeps the connection's task until
+    its idle timer runs out; a closed stream no longer counts, and its task ends."""
+
+    def __init__(self, stream: trio.SocketStream, on_close: Callable[[], None]) -> None:
+        self._stream, self._on_close = stream, on_close
+        self.socket = stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            on_close, self._on_close = self._on_close, lambda: None
+            on_close()
+
+
+class _HealthOnly:
+    """The app, for a connection over the cap: health checks pass, the rest is 503."""
+
+    def __init__(self, app: Any, paths: frozenset[str]) -> None:
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.paths:
+            await self.app(scope, receive, send)
+            return
+        body = b'{"error": "too many connections; try again", "status": 503}'
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"retry-after", b"2"),
+            (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def serve(
     app: Any, bind: str, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
-    write_timeout: float | None = None, **options: Any
+    write_timeout: float | None = None, max_connections: int | None = None,
+    reserve: int = 8, reserve_paths: Iterable[str] = ("/healthz", "/metrics"),
+    stats: ConnectionStats | None = None, **options: Any
 ) -> None:
     """Serve `app` until cancelled; reports the base URL (e.g. "http://127.0.0.1:40123").
 
     `write_timeout` (seconds): drop a connection whose client takes no data for
-    that long (Linux; elsewhere it is ignored).
+    that long (Linux; elsewhere it is ignored). `max_connections`: connections
+    served at once (None: no cap), plus `reserve` more for `reserve_paths` only.
     """
     cfg = hypercorn_config(bind, **options)
+    stats = stats if stats is not None else ConnectionStats()
+    full = wrap_app(app, cfg.wsgi_max_body_size, "asgi")
+    limited = wrap_app(_HealthOnly(app, frozenset(reserve_paths)), cfg.wsgi_max_body_size,
+                       "asgi")
+    context = WorkerContext(None)
+    cap = math.inf if max_connections is None else max_connections
     # Bound here, not by Hypercorn, to set the option before any connection is
     # accepted, and closed here whenever serving ends (even during startup).
     sockets = cfg.create_sockets()
@@ -62,16 +149,61 @@ async def serve(
             if write_timeout is not None and option is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
             sock.listen(cfg.backlog)
+
+        async def connection(socket_stream: trio.SocketStream, wrapped: Any,
+                             lifetime: float) -> None:
+            scope = trio.CancelScope(deadline=trio.current_time() + lifetime)
+
+            def closed() -> None:
+                stats.open -= 1
+                scope.cancel()  # what is left is Hypercorn's idle timer
+
+            stream = _Counted(socket_stream, closed)
+            try:
+                with scope:
+                    # Hypercorn types the stream as TLS; it serves plain TCP the same.
+                    await TCPServer(wrapped, cfg, context, ConnectionState({}),
+                                    stream)  # type: ignore[arg-type]
+            except Exception as exc:  # this connection only; the server goes on
+                stats.failed += 1
+                log.warning("http connection failed error=%r", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+        async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    log.error("http accept failed error=%s; retrying in %gs",
+                              errno.errorcode.get(exc.errno or 0, exc.errno), _ACCEPT_PAUSE)
+                    await trio.sleep(_ACCEPT_PAUSE)
+                    continue
+                if stats.open >= cap + reserve:
+                    stats.refused += 1
+                    await stream.aclose()
+                    continue
+                wrapped, lifetime = full, math.inf
+                if stats.open >= cap:
+                    # A health check is one quick request: a reserved connection that
+                    # idles is closed soon, so a flood cannot hold the reserve for long.
+                    stats.reserved += 1
+                    wrapped, lifetime = limited, _RESERVE_SECONDS
+                stats.open += 1
+                stats.accepted += 1
+                nursery.start_soon(connection, stream, wrapped, lifetime)
+
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                lambda task_status: worker_serve(
-                    wrap_app(app, cfg.wsgi_max_body_size, "asgi"), cfg, sockets=sockets,
-                    task_status=task_status,
-                )
-            )
-            url = binds[0]
-            log.info("http serving url=%s", url)
-            task_status.started(url)
+            urls = []
+            for sock in sockets.insecure_sockets:
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                nursery.start_soon(accept, listener, nursery)
+                urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            log.info("http serving url=%s", urls[0])
+            task_status.started(urls[0])
     finally:
         for sock in sockets.insecure_sockets:
             sock.close()

@@ -162,6 +162,7 @@ class DeviceApi:
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(
                 serve, self, self.config.listen, h11_max_incomplete_size=MAX_HEAD_BYTES,
+                max_connections=self.config.max_connections, stats=self.stats.connections,
                 keep_alive_timeout=self.config.request_timeout_seconds,
                 write_timeout=self.config.request_timeout_seconds))
             self.url = url
@@ -232,6 +233,11 @@ class DeviceApi:
                                                                      counted_send)
 
     def _refuse(self, scope: Scope) -> Response | None:
+        if scope.get("http_version") not in ("1.0", "1.1"):
+            # HTTP/2 (prior knowledge or an h2c upgrade) has not earned its place on a
+            # device: every request on it is refused, whatever it holds.
+            return ApiError(505, f"HTTP/{scope.get('http_version')} is not served; use "
+                                 "HTTP/1.1").response()
         # However the head arrived (Hypercorn bounds only a head still incomplete),
         # a request whose head is larger than the limit is refused unread.
         head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..http import ConnectionStats
+
 __all__ = ["ApiCollector", "ApiStats"]
 
 
@@ -39,6 +41,7 @@ class ApiStats:
     live_overruns: int = 0
     live_lost_seconds: float = 0.0
     bytes_sent: int = 0
+    connections: ConnectionStats = field(default_factory=ConnectionStats)
 
 
 class ApiCollector:
@@ -66,6 +69,12 @@ class ApiCollector:
             ("downloads", "Segment downloads started.", s.downloads),
             ("live_overruns", "Live listeners that fell off the ring.", s.live_overruns),
             ("bytes", "Response body bytes.", s.bytes_sent),
+            ("connections_refused", "Connections closed at accept: over api.max_connections "
+             "and its health-check reserve.", s.connections.refused),
+            ("connections_reserved", "Connections over api.max_connections let in for "
+             "health checks only.", s.connections.reserved),
+            ("connections_failed", "Connections ended by an error in the HTTP layer.",
+             s.connections.failed),
         ):
             family = CounterMetricFamily(f"edge_agent_api_{name}", doc)
             family.add_metric([], value)
@@ -74,6 +83,7 @@ class ApiCollector:
             ("audio_active", "/v1/audio responses being produced.", s.audio_active),
             ("downloads_active", "Segment downloads in progress.", s.downloads_active),
             ("live_listeners", "/v1/live listeners now.", s.live_listeners),
+            ("connections", "Client connections open now.", s.connections.open),
         ):
             gauge = GaugeMetricFamily(f"edge_agent_api_{name}", doc)
             gauge.add_metric([], value)
