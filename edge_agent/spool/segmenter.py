@@ -58,6 +58,8 @@ class SegmenterStats:
     # Frames the segmenter never wrote: evicted from the ring before it got them
     # (slow disk, long outage) or lost in a failed segment the ring no longer held.
     lost_frames: int = 0
+    # Of those, frames captured but not yet written when the run ended.
+    shutdown_lost_frames: int = 0
     last_error: str | None = None
 
 
@@ -143,6 +145,22 @@ class Segmenter:
             if scope.cancelled_caught:
                 log.error("segment not sealed within %.1f s; it is recovered on the next start",
                           self.seal_grace)
+            self._count_unwritten()
+
+    def _count_unwritten(self) -> None:
+        """At the end of a run: captured audio the segmenter never got to write (the
+        grace ran out with the encode behind the ring) is gone with the process.
+        Counted and logged as lost; nothing captured vanishes without a word."""
+        reader = self._reader
+        if reader is None:
+            return
+        unwritten = self.ring.head - max(reader.cursor, self.ring.tail)
+        if unwritten > 0:
+            self.stats.lost_frames += unwritten
+            self.stats.shutdown_lost_frames += unwritten
+            reader.seek(self.ring.head)
+            log.error("captured audio not written at shutdown seconds=%.3f (lost; the seal "
+                      "grace of %.1f s ran out)", unwritten / self.ring.rate, self.seal_grace)
 
     async def _idle_sync(self) -> None:
         """No audio for a while (mic gone): make what was written durable anyway."""

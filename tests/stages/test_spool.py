@@ -159,6 +159,42 @@ async def test_stopping_in_the_middle_of_a_write_loses_no_frame(
     np.testing.assert_array_equal(joined, rig.fed_signal())
 
 
+async def test_audio_the_grace_cannot_write_at_shutdown_is_counted_and_logged(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A source ahead of real time: 20 s captured, and the encode (1 s of work per
+    # second of audio here) is far behind when the stop comes.
+    rig = Rig(tmp_path, fmt="wav", seconds=60)
+
+    class SlowEncode(InlineRunner):
+        async def run(self, fn: Callable[..., T], *args: Any) -> T:
+            if args and isinstance(args[0], np.ndarray):
+                await trio.sleep(len(args[0]) / rig.rate)
+            return fn(*args)
+
+    rig.segmenter.runner = SlowEncode()
+    rig.segmenter.seal_grace = 2.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.segmenter.run)
+        await rig.feed(20.0, paced=False)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    fresh = rig.new_spool()
+    fresh.recover()
+    kept = sum(m.frames for m in fresh.pending())
+    lost = rig.segmenter.stats.shutdown_lost_frames
+    written = rig.segmenter.stats.frames_written
+    # Every captured frame was handed to the segment file (sealed, or in tmp/ for
+    # the next start's recovery, which keeps what an fsync made durable) or is
+    # counted as lost: here most of it is lost, and it says so.
+    assert lost > 10 * rig.rate
+    assert written + lost == 20 * rig.rate
+    assert kept <= written
+    assert rig.segmenter.stats.lost_frames == lost
+    assert "captured audio not written at shutdown" in caplog.text
+
+
 async def test_a_capture_gap_is_noted_and_the_segment_goes_on(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
