@@ -12,9 +12,11 @@ ring, the segmenter and STT lost nothing, no request failed with a 5xx other tha
 the documented 503 (busy), every body arrived whole; and the p95 latency of
 `/healthz` stayed under 100 ms. Latencies are printed.
 
-The issue asks for a minute; CI runs 15 s. The full minute:
+The issue asks for a minute; CI runs 15 s with 50 clients. The full minute, or
+another number of clients:
 
-    EDGE_AGENT_LOAD_SECONDS=60 .venv/bin/python -m pytest tests/test_api_load.py -s
+    EDGE_AGENT_LOAD_SECONDS=60 EDGE_AGENT_LOAD_CLIENTS=200 \
+        .venv/bin/python -m pytest tests/integration/test_api_load.py -s
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 LOAD_SECONDS = float(os.environ.get("EDGE_AGENT_LOAD_SECONDS", "15"))
-CLIENTS = 50
+CLIENTS = int(os.environ.get("EDGE_AGENT_LOAD_CLIENTS", "50"))
 TOKEN = "load-test-token-0123456789"
 # The event loop may lag behind real time by this much at worst and still be "on
 # pace": a block is 20 ms, the segmenter batches 250 ms.
@@ -176,7 +178,9 @@ async def test_load(tmp_path: Path) -> None:
             "ring": {"seconds": 60},
             "segments": {"seconds": 5, "format": "opus", "min_free_mb": 0},
             "stt": {"enabled": True, "protocol": "raw", "url": backend_url + "/v1/stt/raw"},
-            "api": {"enabled": True, "listen": "127.0.0.1:0", "token_file": str(token_file)},
+            "api": {"enabled": True, "listen": "127.0.0.1:0", "token_file": str(token_file),
+                    # Every client gets a connection: the load, not the cap, is measured.
+                    "max_connections": max(64, CLIENTS + 16)},
         })
         agent = Agent(config)
         async with trio.open_nursery() as nursery:
