@@ -178,6 +178,10 @@ KEY_DOCS: Final[tuple[tuple[str, str], ...]] = (
 )
 
 
+#: Everything after this line of the report is measured by other means and kept.
+HAND_MEASURED = "<!-- measured outside scripts/bench: kept when this report is regenerated -->"
+
+
 def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
                  plot_note: str | None) -> None:
     """Regenerate docs/benchmarks.md from `results`."""
@@ -485,4 +489,11 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
               f"(schema {SCHEMA_VERSION}):", "", "| key | meaning |", "|---|---|",
               *(f"| {k} | {m} |" for k, m in KEY_DOCS), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    # Figures measured by other means (the API load test) follow a marker; a
+    # regenerated report keeps them as they are.
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if HAND_MEASURED in old:
+            kept = old[old.index(HAND_MEASURED):]
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""), encoding="utf-8")

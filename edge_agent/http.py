@@ -28,7 +28,7 @@ import errno
 import logging
 import math
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -75,14 +75,33 @@ class ConnectionStats:
     failed: int = 0  # ended by an error inside the HTTP handling (logged)
 
 
-class _Counted(trio.abc.HalfCloseableStream):
-    """A connection's stream that reports when it is closed: Hypercorn closes the
-    socket as soon as a connection is over, but keeps the connection's task until
-    its idle timer runs out; a closed stream no longer counts, and its task ends."""
+class _Connection(trio.abc.HalfCloseableStream):
+    """One client connection: the stream Hypercorn reads and writes, and the app it
+    calls for it.
 
-    def __init__(self, stream: trio.SocketStream, on_close: Callable[[], None]) -> None:
-        self._stream, self._on_close = stream, on_close
+    Hypercorn keeps a connection's task (and its socket) until its idle timer runs
+    out, even after the client has closed its side. A connection here ends as soon
+    as the client has closed its side and no request on it is in progress, or its
+    socket was closed, so the count of open connections is the descriptors held.
+    """
+
+    def __init__(self, stream: trio.SocketStream, app: Any, stats: ConnectionStats,
+                 lifetime: float) -> None:
+        self._stream, self._app, self._stats = stream, app, stats
         self.socket = stream.socket
+        self.scope = trio.CancelScope(deadline=trio.current_time() + lifetime)
+        self._active = 0
+        self._client_done = False
+        self._closed = False
+
+    async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
+        self._active += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._active -= 1
+            if self._client_done and not self._active:
+                self.scope.cancel()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -91,7 +110,12 @@ class _Counted(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(max_bytes)
+        if not data:  # the client closed its side
+            self._client_done = True
+            if not self._active:
+                self.scope.cancel()
+        return data
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
@@ -100,8 +124,10 @@ class _Counted(trio.abc.HalfCloseableStream):
         try:
             await self._stream.aclose()
         finally:
-            on_close, self._on_close = self._on_close, lambda: None
-            on_close()
+            if not self._closed:
+                self._closed = True
+                self._stats.open -= 1
+                self.scope.cancel()
 
 
 class _HealthOnly:
@@ -111,8 +137,17 @@ class _HealthOnly:
         self.app, self.paths = app, paths
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("path") in self.paths:
+            async def closing(message: Any) -> None:
+                if message["type"] == "http.response.start":  # not to be reused
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (b"connection", b"close")]}
+                await send(message)
+
+            await self.app(scope, receive, closing)
             return
         body = b'{"error": "too many connections; try again", "status": 503}'
         await send({"type": "http.response.start", "status": 503, "headers": [
@@ -135,9 +170,7 @@ async def serve(
     """
     cfg = hypercorn_config(bind, **options)
     stats = stats if stats is not None else ConnectionStats()
-    full = wrap_app(app, cfg.wsgi_max_body_size, "asgi")
-    limited = wrap_app(_HealthOnly(app, frozenset(reserve_paths)), cfg.wsgi_max_body_size,
-                       "asgi")
+    full, limited = app, _HealthOnly(app, frozenset(reserve_paths))
     context = WorkerContext(None)
     cap = math.inf if max_connections is None else max_connections
     # Bound here, not by Hypercorn, to set the option before any connection is
@@ -150,17 +183,12 @@ async def serve(
                 sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
             sock.listen(cfg.backlog)
 
-        async def connection(socket_stream: trio.SocketStream, wrapped: Any,
+        async def connection(socket_stream: trio.SocketStream, asgi_app: Any,
                              lifetime: float) -> None:
-            scope = trio.CancelScope(deadline=trio.current_time() + lifetime)
-
-            def closed() -> None:
-                stats.open -= 1
-                scope.cancel()  # what is left is Hypercorn's idle timer
-
-            stream = _Counted(socket_stream, closed)
+            stream = _Connection(socket_stream, asgi_app, stats, lifetime)
+            wrapped = wrap_app(stream.asgi, cfg.wsgi_max_body_size, "asgi")
             try:
-                with scope:
+                with stream.scope:
                     # Hypercorn types the stream as TLS; it serves plain TCP the same.
                     await TCPServer(wrapped, cfg, context, ConnectionState({}),
                                     stream)  # type: ignore[arg-type]
