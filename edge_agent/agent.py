@@ -252,7 +252,26 @@ class Agent:
                      ",".join(n for n, _ in self._tasks))
             self.ready.set()
             task_status.started()
+        await self._final_upload()
         log.info("agent stopped device=%s", self.config.device.id)
+
+    async def _final_upload(self) -> None:
+        """The stages stopped and the open segment is sealed: while the backend
+        answers, send what is pending for up to ``upload.shutdown_seconds`` (shielded:
+        a stop is what brought us here)."""
+        seconds = self.config.upload.shutdown_seconds
+        if self.uploader is None or self.spool is None or not seconds:
+            return
+        if not self.spool.pending():
+            return
+        with trio.move_on_after(seconds, shield=True) as scope:
+            try:
+                await self.uploader.drain(give_up_on_retry=True)
+            except Exception as exc:  # best effort: the spool keeps it for the next start
+                log.warning("final upload failed error=%r", exc)
+        left = len(self.spool.pending())
+        log.info("final upload done pending=%d%s", left,
+                 " (time ran out)" if scope.cancelled_caught else "")
 
     def stop(self) -> None:
         """Ask the run to end; stages finish their shielded work within the grace time."""

@@ -154,6 +154,9 @@ class UploadConfig(_Section):
     backoff_initial_seconds: PositiveSeconds = 1.0
     backoff_max_seconds: PositiveSeconds = 300.0
     max_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # After a stop (SIGTERM) sealed the open segment: how long the agent goes on
+    # uploading what is pending while the backend answers (0: not at all).
+    shutdown_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 4.0
 
 
 class ApiConfig(_Section):

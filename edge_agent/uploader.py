@@ -223,13 +223,16 @@ class Uploader:
                     if decision.verdict is Verdict.RETRY:
                         await self._back_off(decision)
 
-    async def drain(self) -> None:
+    async def drain(self, *, give_up_on_retry: bool = False) -> None:
         """Upload until nothing is pending, then return (bound it with a timeout):
-        the last step of a run that stops, such as the demo."""
+        the last step of a run that stops, such as the demo. ``give_up_on_retry``:
+        return at the first failure instead of backing off (at shutdown)."""
         async with await self._open_client() as client:
             while (meta := self._next()) is not None:
                 decision = await self.sync_one(client, meta)
                 if decision.verdict is Verdict.RETRY:
+                    if give_up_on_retry:
+                        return
                     await self._back_off(decision)
 
     async def _open_client(self) -> httpx.AsyncClient:
