@@ -365,7 +365,10 @@ async def test_small_quota_with_the_backend_down_then_the_uploader_drains(
         # WAV: 5 s are 160 044 bytes, so 1 MB holds six whole segments.
         "segments": {"seconds": 5, "format": "wav", "max_spool_mb": 1, "min_free_mb": 0},
         "upload": {"enabled": True, "url": f"{base}/v1/devices/{{device}}/segments/{{segment}}",
-                   "backoff_initial_seconds": 0.02, "backoff_max_seconds": 0.1},
+                   "backoff_initial_seconds": 0.02, "backoff_max_seconds": 0.1,
+                   # The segment sealed at the stop stays pending: what is asserted
+                   # is what the uploader drained while the agent ran.
+                   "shutdown_seconds": 0},
     })
     agent = Agent(config)
     spool, segmenter, uploader = agent.spool, agent.segmenter, agent.uploader
