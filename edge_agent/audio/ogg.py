@@ -7,7 +7,9 @@ but declares ``ogg_sync_buffer`` as returning a copied string; this module loads
 its own handle of the same library with the pointer types the sync API needs,
 and uses pyogg's structure definitions.
 
-Part of ``audio/``: no Trio; imports only ``audio.opus`` (the page CRC).
+Also the page CRC, and `last_complete_page_end` for a file cut by a crash.
+
+Part of ``audio/``: no Trio; imports nothing else of the project.
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pyogg import ogg as _pyogg
 
-from .opus import ogg_crc32
+__all__ = [
+    "OggPage",
+    "contiguous_prefix",
+    "intact_pages",
+    "last_complete_page_end",
+    "ogg_crc32",
+    "renumbered",
+]
 
-__all__ = ["OggPage", "intact_pages", "renumbered"]
-
-_HEADER = 27
+_HEADER: Final = 27
+_BIT_REVERSED: Final = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 @functools.cache
@@ -92,6 +101,37 @@ def intact_pages(data: bytes | bytearray | memoryview) -> list[OggPage]:
         return pages
     finally:
         lib.ogg_sync_clear(ctypes.byref(state))
+
+
+def ogg_crc32(page: bytes | bytearray | memoryview) -> int:
+    """Ogg's CRC-32 (poly 0x04C11DB7, MSB first, init 0, no final xor).
+
+    Computed with zlib's C implementation of the bit-reflected CRC-32 with the
+    same polynomial: feeding it bit-reversed bytes (with zlib's init and final
+    xor undone) yields the bit-reversed Ogg CRC. That is the same arithmetic
+    as the spec's table-driven loop, at C speed, which matters when a Pi
+    salvages a large file on boot.
+    """
+    reflected = zlib.crc32(bytes(page).translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
+
+
+def contiguous_prefix(pages: list[OggPage]) -> list[OggPage]:
+    """The pages from the start of the file up to the first damage."""
+    run: list[OggPage] = []
+    for page in pages:
+        if page.start != (run[-1].end if run else 0):
+            break
+        run.append(page)
+    return run
+
+
+def last_complete_page_end(data: bytes | bytearray | memoryview) -> int:
+    """The offset just after the run of complete, CRC-valid pages that ``data``
+    starts with (a torn write, zeros or garbage ends it); 0 when ``data`` does not
+    start with a valid page."""
+    run = contiguous_prefix(intact_pages(data))
+    return run[-1].end if run else 0
 
 
 def renumbered(data: bytes | bytearray | memoryview, page: OggPage, sequence: int) -> bytes:

@@ -34,7 +34,6 @@ import ctypes
 import logging
 import os
 import random
-import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, Self
 
@@ -54,8 +53,6 @@ __all__ = [
     "OpusError",
     "decode_ogg_opus",
     "decode_ogg_opus_file",
-    "last_complete_page_end",
-    "ogg_crc32",
     "opus_packet_samples",
 ]
 
@@ -495,10 +492,8 @@ def decode_ogg_opus_file(path: str | os.PathLike[str]) -> DecodedOpus:
             raise OpusError(f"{os.fspath(path)}: {exc}") from exc
 
 
-# --- Ogg page scanning, for salvaging files cut short by a crash -----------
+# --- Opus packets ------------------------------------------------------------
 
-_BIT_REVERSED: Final = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
-_OGG_HEADER: Final = 27
 
 
 def opus_packet_samples(packet: bytes) -> int:
@@ -510,49 +505,3 @@ def opus_packet_samples(packet: bytes) -> int:
     buf = (ctypes.c_ubyte * 0).from_buffer(data)
     n = int(_lib.opus_packet_get_nb_samples(buf, len(data), DECODE_RATE))
     return max(n, 0)
-
-
-def ogg_crc32(page: bytes | bytearray | memoryview) -> int:
-    """Ogg's CRC-32 (poly 0x04C11DB7, MSB first, init 0, no final xor).
-
-    Computed with zlib's C implementation of the bit-reflected CRC-32 with the
-    same polynomial: feeding it bit-reversed bytes (with zlib's init and final
-    xor undone) yields the bit-reversed Ogg CRC. That is the same arithmetic
-    as the spec's table-driven loop, at C speed, which matters when a Pi
-    salvages a large file on boot.
-    """
-    reflected = zlib.crc32(bytes(page).translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
-    return int(f"{reflected:032b}"[::-1], 2)
-
-
-def last_complete_page_end(data: bytes | bytearray | memoryview) -> int:
-    """Return the offset just after the last complete, CRC-valid Ogg page.
-
-    Pages are walked from the start of ``data``; the walk stops at the first
-    spot that is not a whole, intact page (a torn write, zero-filled blocks,
-    garbage), so ``data[:result]`` is a run of valid pages. Returns 0 when the
-    data does not start with a valid page.
-
-    A prefix holding only the two header pages (no audio page yet) is valid
-    Ogg but libopusfile refuses it (OP_EBADTIMESTAMP): treat it as empty.
-    """
-    view = memoryview(data).cast("B")
-    size = len(view)
-    pos = 0
-    while pos + _OGG_HEADER <= size:
-        if view[pos : pos + 4].tobytes() != b"OggS" or view[pos + 4] != 0:
-            break
-        nsegs = view[pos + 26]
-        body_start = pos + _OGG_HEADER + nsegs
-        if body_start > size:
-            break
-        end = body_start + sum(view[pos + _OGG_HEADER : body_start])
-        if end > size:
-            break
-        stored = int.from_bytes(view[pos + 22 : pos + 26], "little")
-        page = bytearray(view[pos:end])
-        page[22:26] = b"\0\0\0\0"
-        if ogg_crc32(page) != stored:
-            break
-        pos = end
-    return pos

@@ -17,17 +17,16 @@ Imports only the bottom layer (``audio``, ``clock``, ``wire``, the spool's
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..audio.ogg import OggPage, intact_pages, renumbered
+from ..audio.ogg import OggPage, contiguous_prefix, intact_pages, renumbered
 from ..audio.opus import DECODE_RATE, OpusError, decode_ogg_opus, opus_packet_samples
 from ..audio.pcm import WAV_HEADER_BYTES, wav_size_patches
 from ..clock import iso_utc
 from ..wire import GapNote
 from .model import SegmentHeader
 
-__all__ = ["Salvage", "Unsalvageable", "ogg_granules", "salvage"]
+__all__ = ["Salvage", "Unsalvageable", "salvage"]
 
 
 @dataclass(frozen=True)
@@ -43,27 +42,6 @@ class Salvage:
 
 class Unsalvageable(Exception):
     """The file is not what its header says (goes to quarantine with this reason)."""
-
-
-def ogg_granules(data: memoryview, end: int) -> Iterator[int]:
-    """Granule positions of the pages in ``data[:end]`` (pages already CRC-checked)."""
-    pos = 0
-    while pos < end:
-        granule = int.from_bytes(data[pos + 6 : pos + 14], "little", signed=True)
-        nsegs = data[pos + 26]
-        body = sum(data[pos + 27 : pos + 27 + nsegs])
-        pos += 27 + nsegs + body
-        yield granule
-
-
-def _prefix(pages: list[OggPage]) -> list[OggPage]:
-    """The pages from the start of the file up to the first damage."""
-    run: list[OggPage] = []
-    for page in pages:
-        if page.start != (run[-1].end if run else 0):
-            break
-        run.append(page)
-    return run
 
 
 def _splice_opus(data: memoryview, pages: list[OggPage], prefix: list[OggPage]
@@ -107,7 +85,7 @@ def salvage(data: memoryview, header: SegmentHeader) -> Salvage:
     """
     if header.format in ("opus", "flac"):
         pages = intact_pages(data)
-        prefix = _prefix(pages)
+        prefix = contiguous_prefix(pages)
         if not prefix:
             if len(data) == 0 or not any(data[:4096]):
                 return Salvage(0, 0, [])

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge_agent.audio.opus import decode_ogg_opus, decode_ogg_opus_file, last_complete_page_end
+from edge_agent.audio.ogg import last_complete_page_end
+from edge_agent.audio.opus import decode_ogg_opus, decode_ogg_opus_file
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.demo import sample_path

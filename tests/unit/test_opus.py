@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.audio.ogg import last_complete_page_end, ogg_crc32
 from edge_agent.audio.opus import (
     APPLICATIONS,
     FRAME_MS,
@@ -19,8 +20,6 @@ from edge_agent.audio.opus import (
     OpusError,
     decode_ogg_opus,
     decode_ogg_opus_file,
-    last_complete_page_end,
-    ogg_crc32,
 )
 from edge_agent.audio.pcm import SampleFormat, from_float32
 from edge_agent.audio.resample import resample
