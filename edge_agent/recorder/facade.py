@@ -49,7 +49,6 @@ from ..recordings import (
     FileRecording,
     Wakeable,
     audio_format,
-    encode_audio,
     encode_block,
     new_encoder,
     next_block,
@@ -60,27 +59,14 @@ from ..store import Store
 from ..supervisor import Backoff, TaskStatus
 from ..wire import new_segment_id
 from .types import (
-    PYAUDIO_FORMATS,
     AudioConfig,
-    AudioFrame,
     AudioSegment,
     RecorderStats,
     agent_config,
     pcm_layout,
 )
 
-__all__ = [
-    "PYAUDIO_FORMATS",
-    "AudioConfig",
-    "AudioFormat",
-    "AudioFrame",
-    "AudioRecorder",
-    "AudioSegment",
-    "PcmLayout",
-    "RecorderStats",
-    "encode_audio",
-    "pcm_layout",
-]
+__all__ = ["AudioRecorder"]
 
 log = logging.getLogger(__name__)
 
