@@ -221,6 +221,14 @@ def streamer(tmp_path: Path, cfg: SttConfig, handler: Handler,
                        runner=InlineRunner())
 
 
+async def run_until_idle(s: SttStreamer) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        with trio.fail_after(60):
+            await s.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
 def write_seconds(s: SttStreamer, seconds: float, at: float = 0.0) -> None:
     s.ring.write(tone(seconds).reshape(-1, 1), utc=1_800_000_000.0 + at, mono=1000.0 + at)
 
@@ -241,11 +249,7 @@ async def test_retries_back_off_exponentially_then_succeed(
     s = streamer(tmp_path, stt_cfg(backoff_initial_seconds=0.5, backoff_max_seconds=4.0),
                  handler)
     write_seconds(s, 1.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
+    await run_until_idle(s)
     assert np.diff(times).tolist() == [0.5, 1.0, 2.0]
     st = s.statistics()
     assert (st.chunks_cut, st.chunks_sent, st.requests, st.retries) == (1, 1, 4, 3)
@@ -267,11 +271,7 @@ async def test_retry_after_is_honoured_and_stale_chunks_are_dropped(
     cfg = stt_cfg(backoff_initial_seconds=1.0, backoff_max_seconds=4.0, max_age_seconds=20.0)
     s = streamer(tmp_path, cfg, handler)
     write_seconds(s, 1.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
+    await run_until_idle(s)
     # 7 s (Retry-After, above the 1 s backoff), then 2, 4, 4: the next try would
     # come 21 s after the cut, past max_age_seconds, so the chunk is given up.
     assert np.diff(times).tolist() == [7.0, 2.0, 4.0, 4.0]
@@ -294,24 +294,12 @@ async def test_rejections_and_garbage_are_dropped_at_once_and_counted(
 
     s = streamer(tmp_path, stt_cfg(), handler)
     write_seconds(s, 5.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
+    await run_until_idle(s)
     st = s.statistics()
     assert (st.chunks_cut, st.requests, st.retries) == (5, 5, 0)
     assert (st.dropped_rejected, st.bad_responses, st.chunks_empty, st.chunks_sent) == (1, 2, 1, 2)
     assert [t.seq for t in s.recent] == [4]
     assert st.chunks_cut == st.chunks_sent + st.dropped + st.backlog_chunks
-
-
-async def run_until_idle(s: SttStreamer) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
 
 
 async def test_chunks_refused_in_a_row_degrade_health_until_one_gets_through(
@@ -392,11 +380,7 @@ async def test_a_reader_overrun_is_counted_in_seconds_and_the_stream_goes_on(
     ring = AudioRing(rate=RATE, channels=1, dtype="int16", seconds=2)
     s = streamer(tmp_path, stt_cfg(), lambda r: ok(), ring=ring)
     write_seconds(s, 5.0)  # before the streamer reads: 3 s are evicted
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
+    await run_until_idle(s)
     st = s.statistics()
     assert (st.overruns, st.seconds_lost) == (1, 3.0)
     assert (st.chunks_cut, st.chunks_sent) == (2, 2)
@@ -425,11 +409,7 @@ async def test_wire_formats_of_the_three_protocols(
                       model="small", language="en")
         s = streamer(tmp_path / protocol, cfg, handler)
         write_seconds(s, 1.0)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(s.run)
-            with trio.fail_after(60):
-                await s.wait_idle()
-            nursery.cancel_scope.cancel()
+        await run_until_idle(s)
         assert s.statistics().chunks_sent == 1
     openai, deepgram, raw = requests
     assert openai.headers["authorization"] == "Bearer s3cret"
@@ -488,11 +468,7 @@ async def test_a_capture_gap_ends_the_chunk_so_none_spans_a_hole_in_time(
     write_seconds(s, 1.5)
     write_seconds(s, 1.5, at=3.5)  # the mic was gone for 2 s
     assert len(s.ring.gaps(0, s.ring.head)) == 1
-    async with trio.open_nursery() as nursery:
-        await nursery.start(s.run)
-        with trio.fail_after(60):
-            await s.wait_idle()
-        nursery.cancel_scope.cancel()
+    await run_until_idle(s)
     spans = [(t.start_utc, t.duration) for t in s.recent]
     t0 = 1_800_000_000.0
     assert spans == [(iso_utc(t0), 1.0), (iso_utc(t0 + 1.0), 0.5),
