@@ -58,7 +58,6 @@ def hypercorn_config(bind: str, **options: Any) -> Config:
     cfg.bind = [bind]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
-    cfg.graceful_timeout = 2.0
     for key, value in options.items():
         setattr(cfg, key, value)
     return cfg
