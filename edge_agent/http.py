@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import socket
@@ -41,7 +42,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from .supervisor import TaskStatus
 
-__all__ = ["ConnectionStats", "hypercorn_config", "serve"]
+__all__ = ["ConnectionStats", "error_body", "hypercorn_config", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ def hypercorn_config(bind: str, **options: Any) -> Config:
     for key, value in options.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def error_body(status: int, message: str, parameter: str | None = None,
+               **extra: Any) -> dict[str, Any]:
+    """The one shape of an error answer: what is wrong, the status and, when one is
+    to blame, which parameter (plus anything a route adds, such as ``oldest``)."""
+    body: dict[str, Any] = {"error": message, "status": status}
+    if parameter is not None:
+        body["parameter"] = parameter
+    body.update(extra)
+    return body
 
 
 @dataclass
@@ -148,7 +160,7 @@ class _HealthOnly:
 
             await self.app(scope, receive, closing)
             return
-        body = b'{"error": "too many connections; try again", "status": 503}'
+        body = json.dumps(error_body(503, "too many connections; try again")).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"retry-after", b"2"),
             (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})

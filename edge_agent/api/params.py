@@ -21,6 +21,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..http import error_body
 from ..wire import is_segment_id
 
 __all__ = [
@@ -54,10 +55,7 @@ class ApiError(Exception):
         self.extra = extra
 
     def response(self) -> Response:
-        body: dict[str, Any] = {"error": self.message, "status": self.status}
-        if self.parameter is not None:
-            body["parameter"] = self.parameter
-        body.update(self.extra)
+        body = error_body(self.status, self.message, self.parameter, **self.extra)
         return json_response(body, self.status, self.headers)
 
 

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..http import error_body
 from .formats import AudioFormat
 from .stage import AgentRecordings, RecordingConflict, RecordingLimit
 
@@ -23,11 +24,9 @@ __all__ = ["recording_routes"]
 
 def _error(status: int, message: str, parameter: str | None = None, *,
            headers: Mapping[str, str] | None = None) -> Response:
-    """The device API's error body: what is wrong, the status and, if one, which parameter."""
-    body: dict[str, str | int] = {"error": message, "status": status}
-    if parameter is not None:
-        body["parameter"] = parameter
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    """The device API's error answer (`http.error_body`)."""
+    return JSONResponse(error_body(status, message, parameter), status_code=status,
+                        headers=dict(headers or {}))
 
 
 def recording_routes(recordings: Callable[[], AgentRecordings | None]) -> list[Route]:
