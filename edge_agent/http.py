@@ -18,6 +18,13 @@ hold. A few connections beyond the cap are still accepted to answer health
 checks (``reserve_paths``; everything else on them gets 503) and closed after
 two seconds; past that, new connections are closed at once. Both are counted in `ConnectionStats`.
 
+Only HTTP/1.1 is spoken. Hypercorn would switch a connection to HTTP/2 on an
+``Upgrade: h2c`` request or the HTTP/2 preface, and has no setting against it; its
+HTTP/2 side let bad requests fail the server and bodies past the size limit in.
+Here an upgrade request is served over HTTP/1.1 (RFC 9110 lets a server ignore
+``Upgrade``), and the preface reaches the app as an ``HTTP/2.0`` request, for the
+app to refuse (the API answers 505).
+
 Imports only ``supervisor``; the ``api`` stage and the reference backend use it.
 """
 
@@ -35,6 +42,8 @@ from typing import Any, Final
 
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
@@ -141,6 +150,31 @@ class _Connection(trio.abc.HalfCloseableStream):
                 self.scope.cancel()
 
 
+class _Http11Only(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol without its switch to HTTP/2."""
+
+    async def _check_protocol(self, event: Any) -> None:
+        return  # no upgrade to h2c and no prior-knowledge HTTP/2: see the module doc
+
+
+class _Http11Server(TCPServer):
+    """Hypercorn's connection handler, held to HTTP/1.1.
+
+    It builds its protocol itself; the protocol is swapped for `_Http11Only` when
+    it is set, before the first byte is read.
+    """
+
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._wrapper
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        if type(wrapper.protocol) is H11Protocol:
+            wrapper.protocol.__class__ = _Http11Only
+        self._wrapper = wrapper
+
+
 class _HealthOnly:
     """The app, for a connection over the cap: health checks pass, the rest is 503."""
 
@@ -201,8 +235,8 @@ async def serve(
             try:
                 with stream.scope:
                     # Hypercorn types the stream as TLS; it serves plain TCP the same.
-                    await TCPServer(wrapped, cfg, context, ConnectionState({}),
-                                    stream)  # type: ignore[arg-type]
+                    await _Http11Server(wrapped, cfg, context, ConnectionState({}),
+                                        stream)  # type: ignore[arg-type]
             except Exception as exc:  # this connection only; the server goes on
                 stats.failed += 1
                 log.warning("http connection failed error=%r", exc)
