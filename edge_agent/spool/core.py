@@ -150,17 +150,19 @@ class Spool:
     def open_segment(self, *, start_ts: float, mono_start: float, rate: int, channels: int,
                      sample_format: SampleFormat | str, clock_synced: bool,
                      gaps: Sequence[GapNote] = (), clock_steps: Sequence[ClockStepNote] = (),
-                     segment_id: str | None = None, now: float = 0.0) -> SegmentWriter:
+                     segment_id: str | None = None, now: float = 0.0,
+                     fmt: str | None = None) -> SegmentWriter:
         """Start a segment in ``tmp/``: ``open.json`` and the audio file's first bytes,
         both durable before this returns.
 
         ``segment_id`` reuses an id (rewriting a segment whose first attempt failed),
         so a leftover of that attempt can never surface as a second segment.
+        ``fmt`` overrides the configured format (WAV for a shutdown backlog).
 
         Raises:
             SpoolError: The configured format is not one segments are recorded in.
         """
-        fmt = self.config.format
+        fmt = fmt or self.config.format
         if fmt not in SEGMENT_FORMATS:
             raise SpoolError(f"unknown segment format {fmt!r}; "
                              f"expected one of {sorted(SEGMENT_FORMATS)}")

@@ -41,6 +41,9 @@ log = logging.getLogger("edge_agent.spool")
 # At shutdown a failed seal is retried (from the ring, in a new file) this many times
 # in all, within the grace period, without backoff.
 _FINAL_ATTEMPTS: Final = 3
+# At shutdown, the share of the seal grace spent encoding; if the encode is still
+# behind then, the rest of the grace writes the backlog as WAV (a copy, no encoding).
+_ENCODE_SHARE: Final = 0.5
 # Errors of writing a segment that the segmenter survives (anything else is a bug).
 _WRITE_ERRORS: Final = (OSError, SpoolError, OpusError, FlacError)
 
@@ -112,11 +115,13 @@ class Segmenter:
         self._overrun: GapNote | None = None  # hole to note at the next segment's start
         self._lost_upto = 0  # ring index up to which lost frames were counted
         self._attempt = 0
+        self._format: str | None = None  # of new segments; None: the configured one
 
     async def run(self, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The supervised task: recover the spool once, then segment until cancelled.
 
-        On cancellation the open segment is sealed (shielded, within ``seal_grace``).
+        On cancellation the open segment is sealed (shielded, within ``seal_grace``;
+        see `_finish`).
         """
         if not self.spool.recovered:
             await self.runner.run(self.spool.recover)
@@ -140,12 +145,34 @@ class Segmenter:
                     await reader.wait(batch)
                 await self._pump(final=False)
         finally:
-            with trio.move_on_after(self.seal_grace, shield=True) as scope:
-                await self._pump(final=True)
-            if scope.cancelled_caught:
-                log.error("segment not sealed within %.1f s; it is recovered on the next start",
-                          self.seal_grace)
-            self._count_unwritten()
+            await self._finish()
+
+    async def _finish(self) -> None:
+        """At the end of a run, write everything captured, within ``seal_grace``.
+
+        A source ahead of real time (or a slow CPU) can leave the encode far behind
+        the ring. The first part of the grace encodes; whatever is still behind
+        then is sealed as WAV segments, which costs a copy to disk and no encoding.
+        What even that cannot write is counted as lost.
+        """
+        with trio.move_on_after(self.seal_grace * _ENCODE_SHARE, shield=True) as scope:
+            await self._pump(final=True)
+        if scope.cancelled_caught:
+            reader = self._reader
+            behind = 0 if reader is None else self.ring.head - max(reader.cursor, self.ring.tail)
+            log.warning("encode behind at shutdown seconds=%.3f; sealing the rest as WAV",
+                        behind / self.ring.rate)
+            self._format = "wav"
+            try:
+                with trio.move_on_after(self.seal_grace * (1 - _ENCODE_SHARE),
+                                        shield=True) as scope:
+                    await self._pump(final=True)
+            finally:
+                self._format = None
+        if scope.cancelled_caught:
+            log.error("segment not sealed within %.1f s; it is recovered on the next start",
+                      self.seal_grace)
+        self._count_unwritten()
 
     def _count_unwritten(self) -> None:
         """At the end of a run: captured audio the segmenter never got to write (the
@@ -206,6 +233,9 @@ class Segmenter:
             self._note_overrun(reader.cursor, tail)
             reader.seek(tail)
         seg = self._open
+        if seg is not None and self._format and seg.writer.header.format != self._format:
+            await self._seal(reader.cursor)  # what follows goes into a segment of its own
+            return True
         if reader.cursor >= head:
             if final and seg is not None:
                 await self._seal(reader.cursor)
@@ -305,7 +335,7 @@ class Segmenter:
             start_ts=start_ts, mono_start=mono_start, rate=self.ring.rate,
             channels=self.ring.channels, sample_format=str(self.ring.dtype),
             clock_synced=synced, gaps=gaps, clock_steps=steps, segment_id=self._retry_id,
-            now=now,
+            now=now, fmt=self._format,
         )
 
     def _gap_note(self, gap_index: int, start: int, seconds: float, mono: float) -> GapNote:

@@ -159,6 +159,43 @@ async def test_stopping_in_the_middle_of_a_write_loses_no_frame(
     np.testing.assert_array_equal(joined, rig.fed_signal())
 
 
+async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A source ahead of real time: 20 s captured, and the Opus encode (1 s of work
+    # per second of audio here) far behind when the stop comes.
+    rig = Rig(tmp_path, fmt="opus", seconds=60)
+
+    class SlowOpus(InlineRunner):
+        async def run(self, fn: Callable[..., T], *args: Any) -> T:
+            writer = getattr(fn, "__self__", None)
+            if (args and isinstance(args[0], np.ndarray)
+                    and writer.header.format == "opus"):  # type: ignore[union-attr]
+                await trio.sleep(len(args[0]) / rig.rate)
+            return fn(*args)
+
+    rig.segmenter.runner = SlowOpus()
+    rig.segmenter.seal_grace = 2.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rig.segmenter.run)
+        await rig.feed(20.0, paced=False)
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert rig.segmenter.stats.shutdown_lost_frames == 0
+    assert "sealing the rest as WAV" in caplog.text
+    metas = [m for m, _ in rig.spool.list(newest_first=False)]
+    # What was encoded in time is Opus; the backlog follows in a WAV segment that
+    # starts where the Opus one ends, and the two hold every captured frame.
+    assert [m.format for m in metas] == ["opus", "wav"]
+    opus, wav = metas
+    assert 0 < opus.frames < 5 * rig.rate
+    assert opus.frames + wav.frames == 20 * rig.rate
+    assert wav.start_ts == pytest.approx(opus.end_ts)
+    np.testing.assert_array_equal(decoded_frames(wav, rig.spool.audio_path(wav.id)),
+                                  rig.fed_signal()[opus.frames:])
+
+
 async def test_audio_the_grace_cannot_write_at_shutdown_is_counted_and_logged(
     tmp_path: Path, autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
