@@ -146,18 +146,23 @@ def decode_segment(fd: int, meta: SegmentMeta, first: int = 0,
     """Frames ``[first, last)`` of a segment file (open as `fd`) at ``meta.rate``,
     as ``(frames, meta.channels)``; by default the whole segment.
 
-    Only that part is decoded and held: WAV is read from `first` on, FLAC and
-    Opus seek to it (reading the file as the decoder asks: a storage error is
-    a SegmentUnreadable, never a crash). WAV and FLAC keep the
-    capture's integers exactly (int16, or int32); Opus is float32, decoded at
-    48 kHz from a little before `first` (so the decoder and the resampler have
-    settled) and brought back to the segment's rate.
+    Only that part is decoded and held (a file salvaged past damage is decoded
+    from its start): WAV is read from `first` on, FLAC and Opus seek to it
+    (reading the file as the decoder asks: a storage error is a
+    SegmentUnreadable, never a crash). WAV and FLAC keep the capture's integers
+    exactly (int16, or int32); Opus is float32, decoded at 48 kHz from a little
+    before `first` (so the decoder and the resampler have settled) and brought
+    back to the segment's rate.
 
     Raises:
         SegmentUnreadable: the file cannot be decoded.
     """
     last = meta.frames if last is None else last
     frames = last - first
+    if first > 0 and any(g.reason == "damage" for g in meta.gaps):
+        # Salvaged past damage: the file's own positions run on across the hole,
+        # so a seek would land late. Decode from the start and keep the part.
+        return decode_segment(fd, meta, 0, last)[first:]
     try:
         with open(fd, "rb", closefd=False) as f:
             f.seek(0)

@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from edge_agent.agent import Agent
+from edge_agent.api import decode_segment
 from edge_agent.audio.opus import decode_ogg_opus_file
 from edge_agent.audio.pcm import read_wav
 from edge_agent.blocking import InlineRunner
@@ -360,14 +361,17 @@ def test_recovery_salvages_a_segment_cut_by_a_crash(tmp_path: Path, fmt: str) ->
     assert_clean(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["opus", "flac"])
 def test_recovery_resynchronises_past_damage_and_records_the_hole_as_a_gap(
-        tmp_path: Path) -> None:
-    config = SegmentsConfig(format="opus", fsync_seconds=1.0)
+        tmp_path: Path, fmt: str) -> None:
+    config = SegmentsConfig(format=fmt, fsync_seconds=1.0)
     spool = Spool(tmp_path, device_id="dev-1", config=config, clock=ManualClock())
     spool.recover()
     written = crash_while_recording(spool, 7.3)
     [tmp_dir] = (tmp_path / "tmp").iterdir()
-    audio = tmp_dir / "audio.opus"
+    [audio] = [p for p in tmp_dir.iterdir() if p.name.startswith("audio.")]
+    span = max_page_span(audio)  # samples of one page (Opus: at 48 kHz)
+    page_seconds = span / (48000 if fmt == "opus" else 8000)
     data = bytearray(audio.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 32] = b"\xaa" * 32  # a bad block in the middle of the file
@@ -378,16 +382,36 @@ def test_recovery_resynchronises_past_damage_and_records_the_hole_as_a_gap(
     [meta] = fresh.pending()
     assert report.recovered == [meta.id] and meta.recovered and fresh.verify(meta.id)
     [gap] = meta.gaps
-    assert gap.reason == "damage" and 0.0 < gap.seconds <= 1.1  # one page of audio
+    # The hole is the damaged page (and a packet that ran into it from the page
+    # before), placed inside the segment.
+    assert gap.reason == "damage" and 0.0 < gap.seconds <= 2 * page_seconds + 0.1
     # The pages after the damage are kept: all but the damaged page and the
-    # page the crash cut off (each at most a second, plus look-ahead).
-    assert meta.frames >= written - 2 * 8000 - 400
-    assert meta.frames + gap.seconds * 8000 == pytest.approx(written, abs=8400)
+    # audio the crash cut off (Opus: a page and look-ahead; FLAC: the frame and page
+    # being filled).
+    cut_off = {"opus": 8000 + 400, "flac": round(page_seconds * 8000) + 4096}[fmt]
+    assert meta.frames >= written - round(gap.seconds * 8000) - cut_off
+    assert meta.frames + gap.seconds * 8000 == pytest.approx(written, abs=cut_off)
     # The spliced file decodes whole, and its timeline counts the hole.
     decoded = decoded_frames(meta, fresh.audio_path(meta.id))
-    assert len(decoded) == pytest.approx(meta.frames * 6, abs=6)
+    if fmt == "opus":
+        assert len(decoded) == pytest.approx(meta.frames * 6, abs=6)
+    else:  # exactly the captured samples on either side of the hole
+        at, missing = gap.frame, round(gap.seconds * 8000)
+        np.testing.assert_array_equal(decoded[:at], signal_at(0, at, 8000))
+        np.testing.assert_array_equal(decoded[at:],
+                                      signal_at(at + missing, meta.frames - at, 8000))
     assert meta.end_ts == pytest.approx(UTC0 + meta.frames / 8000 + gap.seconds)
     assert UTC0 < datetime.fromisoformat(gap.utc).timestamp() < meta.end_ts
+    # The API reads a part after the hole as the same audio a whole decode has there.
+    fd = os.open(fresh.audio_path(meta.id), os.O_RDONLY)
+    try:
+        whole = decode_segment(fd, meta)
+        first, last = gap.frame + 4000, gap.frame + 8000
+        part = decode_segment(fd, meta, first, last)
+    finally:
+        os.close(fd)
+    assert len(whole) == meta.frames
+    np.testing.assert_allclose(part, whole[first:last], atol=1e-3)
     assert_clean(tmp_path)
 
 
