@@ -4,6 +4,12 @@ so that health checks go unanswered."""
 
 from __future__ import annotations
 
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h2.config
@@ -97,3 +103,54 @@ async def test_a_connection_flood_is_capped_and_health_checks_still_answer(
         assert (await s.client.get("/v1/status")).status_code == 200
         text = (await s.client.get("/metrics")).text
         assert f"edge_agent_api_connections_refused_total {float(stats.refused)}" in text
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_flood_of_idle_connections_never_takes_descriptors_from_the_spool(
+        tmp_path: Path) -> None:
+    # The agent under a descriptor limit of 256 (soft and hard), and 400 idle
+    # connections held against it: past the cap they are refused, so the spool
+    # keeps writing and sealing, and /healthz answers.
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'[device]\ndata_dir = "{tmp_path}/data"\n'
+        '[capture]\nsource = "tone"\nrate = 16000\n'
+        '[segments]\nseconds = 5\nfsync_seconds = 0.5\n'
+        f'[api]\nenabled = true\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token}"\n'
+        'max_connections = 64\n')
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=low_limit)
+    assert proc.stderr is not None
+    flood: list[socket.socket] = []
+    try:
+        for line in proc.stderr:
+            if "agent ready" in line:
+                break
+        for _ in range(400):
+            flood.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(11)  # two 5 s boundaries pass with the flood held
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status_code == 200
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            err = proc.communicate(timeout=20)[1]
+        finally:
+            proc.kill()
+    assert "Too many open files" not in err and "segment write failed" not in err
+    sealed = list((tmp_path / "data" / "spool" / "sealed").iterdir())
+    assert len(sealed) >= 3  # two boundaries in the flood, and the seal at the stop
