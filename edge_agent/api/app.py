@@ -46,7 +46,9 @@ from .auth import check_bearer, load_token
 from .conditional import decide_range
 from .counters import ApiCollector, ApiStats
 from .decode import UnsafePath, open_segment
+from .levels import LevelStream
 from .media import EXTENSIONS, MediaRoutes
+from .page import PAGE_FILES, DevicePage
 from .params import (
     ApiError,
     choice,
@@ -59,6 +61,7 @@ from .params import (
 )
 from .render import Abort, Sink, StreamResponse
 from .seams import ComponentState, HealthFn, SpoolView, StatusFn, TranscriptReader
+from .signing import MediaSigner
 
 __all__ = ["DeviceApi"]
 
@@ -128,11 +131,15 @@ class DeviceApi:
                                  spool=spool, capture_finished=capture_finished,
                                  stats=self.stats, encode_runner=encode_runner,
                                  io_runner=self._io)
+        self.levels = LevelStream(config, ring=ring, clock=clock, stats=self.stats,
+                                  overflows=self._input_overflows)
+        self.page = DevicePage(MediaSigner(self._token), self.stats)
         self._started_at: float | None = None
         self.registry = registry
         registry.register(ApiCollector(self.stats))
         self.app = Starlette(
             routes=[
+                *(Route(path, self.page.file, methods=["GET"]) for path in PAGE_FILES),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/v1/status", self._status, methods=["GET"]),
@@ -142,6 +149,8 @@ class DeviceApi:
                 Route("/v1/audio", self.media.audio, methods=["GET"]),
                 Route("/v1/transcripts", self._transcripts_route, methods=["GET"]),
                 Route("/v1/live", self.media.live, methods=["GET"]),
+                Route("/v1/levels", self.levels.levels, methods=["GET"]),
+                Route("/v1/media-url", self.page.media_url, methods=["GET"]),
                 *routes,
             ],
             exception_handlers={
@@ -184,10 +193,13 @@ class DeviceApi:
         except ConfigError as exc:
             log.error("config reload api token kept problem=%r", exc.problems[0])
         else:
+            if token != self._token:  # URLs signed with the old token stop working
+                self.page.signer = MediaSigner(token)
             self._token = token
         # The socket stays bound where it is: report the listen address in use.
         self.config = msgspec.structs.replace(new, listen=old.listen)
         self.media.reconfigure(self.config)
+        self.levels.config = self.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry: refuse bodies, check the token, bound the time to respond."""
@@ -250,7 +262,7 @@ class DeviceApi:
         if headers.get("transfer-encoding") or headers.get("content-length", "0") != "0":
             self.stats.bodies_refused += 1
             return ApiError(413, "request bodies are not accepted", "body").response()
-        refusal = check_bearer(scope, self._token)
+        refusal = check_bearer(scope, self._token, self.page.signer)
         if refusal is None:
             return None
         self.stats.unauthorized += 1
@@ -275,6 +287,9 @@ class DeviceApi:
         return ApiError(500, "internal error (logged on the device)").response()
 
     # -- health, metrics, status -------------------------------------------------
+
+    def _input_overflows(self) -> int:
+        return int(self._agent_status()["capture"].get("input_overflows", 0))
 
     async def _healthz(self, request: Request) -> Response:
         query_params(request, ())

@@ -1,8 +1,9 @@
 """Who may use the device API: the bearer token and the check of each request.
 
-Every route but ``/healthz`` wants ``Authorization: Bearer <token>``, compared
-with `hmac.compare_digest`; the media routes (`MEDIA_PATHS`) also take
-``?access_token=``. The token comes from ``api.token_file`` (read with
+Every route but ``/healthz`` and the device page (`PUBLIC_PATHS`: static files,
+no data) wants ``Authorization: Bearer <token>``, compared with
+`hmac.compare_digest`; the media routes (`MEDIA_PATHS`) also take a signed URL
+(`signing`) or ``?access_token=``. The token comes from ``api.token_file`` (read with
 `config.read_secret`); without one (allowed on loopback only) a random token is
 kept in ``<data_dir>/api-token`` (mode 0600).
 
@@ -26,8 +27,9 @@ from starlette.types import Scope
 from ..config import ApiConfig, ConfigError, check_api_config, is_loopback, read_secret
 from ..fs import write_atomic
 from .params import MEDIA_PATHS, ApiError
+from .signing import MediaSigner
 
-__all__ = ["TOKEN_FILE_NAME", "check_bearer", "load_token"]
+__all__ = ["PUBLIC_PATHS", "TOKEN_FILE_NAME", "check_bearer", "load_token"]
 
 log = logging.getLogger(__package__)  # one logger for the whole API
 
@@ -36,6 +38,9 @@ TOKEN_FILE_NAME: Final = "api-token"
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/=-]{16,512}")
 _TOKEN_EXPECTED: Final = "one token of 16 to 512 letters, digits or ._~+/=- on one line"
 _AUTH_REALM: Final = 'Bearer realm="edge-agent"'
+#: Paths anyone may fetch: health, and the device page with its static files (the
+#: page asks for the token itself; it holds no data).
+PUBLIC_PATHS: Final = frozenset({"/healthz", "/", "/ui/page.js", "/ui/page.css"})
 
 
 def load_token(cfg: ApiConfig, data_dir: Path) -> str:
@@ -65,10 +70,12 @@ def load_token(cfg: ApiConfig, data_dir: Path) -> str:
     return read_secret(path, "", pattern=_TOKEN_RE, expected=_TOKEN_EXPECTED)
 
 
-def check_bearer(scope: Scope, expected: str) -> ApiError | None:
-    """None when the request may pass (``/healthz``, or the right token); else the
-    401 to answer it with."""
-    if scope["path"] == "/healthz":
+def check_bearer(scope: Scope, expected: str, signer: MediaSigner | None = None
+                 ) -> ApiError | None:
+    """None when the request may pass (a public path, the right token, or a media
+    route's valid signed URL); else the 401 to answer it with."""
+    path = scope["path"]
+    if path in PUBLIC_PATHS:
         return None
     headers = Headers(scope=scope)
     token: str | None = None
@@ -77,8 +84,15 @@ def check_bearer(scope: Scope, expected: str) -> ApiError | None:
         scheme, _, credentials = auth.partition(" ")
         if scheme.lower() == "bearer":
             token = credentials.strip()
-    elif scope["path"] in MEDIA_PATHS:
-        query = Request(scope).query_params.getlist("access_token")
+    elif path in MEDIA_PATHS:
+        params = Request(scope).query_params.multi_items()
+        if signer is not None and any(k == "sig" for k, _ in params):
+            problem = signer.check(path, params)
+            if problem is None:
+                return None
+            return ApiError(401, problem, "sig", headers={
+                "WWW-Authenticate": f'{_AUTH_REALM}, error="invalid_token"'})
+        query = [v for k, v in params if k == "access_token"]
         token = query[0] if len(query) == 1 else None
     if token is not None and hmac.compare_digest(
             token.encode("utf-8", "replace"), expected.encode("utf-8")):

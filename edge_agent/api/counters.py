@@ -40,6 +40,10 @@ class ApiStats:
     live_rejected: int = 0
     live_overruns: int = 0
     live_lost_seconds: float = 0.0
+    level_sessions: int = 0  # /v1/levels streams started
+    level_listeners: int = 0
+    level_rejected: int = 0  # 503: over api.max_live_listeners
+    media_urls: int = 0  # signed media URLs handed out
     bytes_sent: int = 0
     connections: ConnectionStats = field(default_factory=ConnectionStats)
 
@@ -68,6 +72,7 @@ class ApiCollector:
             ("audio_seconds", "Seconds of audio planned into responses.", s.audio_seconds),
             ("downloads", "Segment downloads started.", s.downloads),
             ("live_overruns", "Live listeners that fell off the ring.", s.live_overruns),
+            ("level_rejected", "/v1/levels streams turned away (503).", s.level_rejected),
             ("bytes", "Response body bytes.", s.bytes_sent),
             ("connections_refused", "Connections closed at accept: over api.max_connections "
              "and its health-check reserve.", s.connections.refused),
@@ -83,6 +88,7 @@ class ApiCollector:
             ("audio_active", "/v1/audio responses being produced.", s.audio_active),
             ("downloads_active", "Segment downloads in progress.", s.downloads_active),
             ("live_listeners", "/v1/live listeners now.", s.live_listeners),
+            ("level_listeners", "/v1/levels listeners now.", s.level_listeners),
             ("connections", "Client connections open now.", s.connections.open),
         ):
             gauge = GaugeMetricFamily(f"edge_agent_api_{name}", doc)

@@ -37,8 +37,11 @@ __all__ = [
     "time_param",
 ]
 
-#: Routes that also take ``?access_token=`` (an ``<audio>`` element cannot send headers).
-MEDIA_PATHS: Final = frozenset({"/v1/audio", "/v1/live"})
+#: Routes that also take a signed URL (``expires``, ``sig``) or ``?access_token=``:
+#: an ``<audio>`` element or an ``EventSource`` cannot send headers.
+MEDIA_PATHS: Final = frozenset({"/v1/audio", "/v1/live", "/v1/levels"})
+#: What a media URL may carry besides the route's own parameters.
+_CREDENTIALS: Final = frozenset({"access_token", "expires", "sig"})
 _MAX_PARAM_SHOWN = 60
 
 
@@ -77,16 +80,18 @@ def query_params(request: Request, allowed: Iterable[str]) -> dict[str, str]:
     """The query parameters, each at most once and all of them known."""
     known = set(allowed)
     if request.url.path in MEDIA_PATHS:
-        known.add("access_token")
+        known |= _CREDENTIALS
     out: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
         if key not in known:
             raise ApiError(400, f"{show(key)}: unknown parameter; expected "
-                                f"{', '.join(sorted(known - {'access_token'}))}", key[:60])
+                                f"{', '.join(sorted(known - _CREDENTIALS)) or 'none'}",
+                           key[:60])
         if key in out:
             raise ApiError(400, f"{key}: given more than once", key)
         out[key] = value
-    out.pop("access_token", None)
+    for key in _CREDENTIALS:
+        out.pop(key, None)
     return out
 
 
