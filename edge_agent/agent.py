@@ -89,7 +89,7 @@ class Agent:
         self.ring = AudioRing(
             rate=cap.rate, channels=cap.channels, dtype=cap.format, seconds=config.ring.seconds
         )
-        self.source: Source = source or make_source(cap, self.clock)
+        self.source: Source = source or make_source(cap, self.clock, demand=self.ring)
         self.supervisor = Supervisor(backoff, routine=(OSError, CaptureError, ConfigError))
         self.data_dir = Path(config.device.data_dir)
         self.capture_finished = trio.Event()

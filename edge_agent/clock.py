@@ -16,7 +16,7 @@ import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 __all__ = ["Clock", "ManualClock", "SystemClock", "iso_utc", "ntp_synchronized"]
 
@@ -31,6 +31,12 @@ def iso_utc(t: float) -> str:
 
 
 class Clock(Protocol):
+    @property
+    def real_time(self) -> bool:
+        """Whether its time passes by itself (the system's clocks), so a thread can
+        pace audio by it; a test's clock is moved by hand."""
+        ...
+
     def utc(self) -> float:
         """Seconds since the Unix epoch."""
         ...
@@ -89,6 +95,8 @@ def ntp_synchronized() -> bool:
 class SystemClock:
     """The real clocks; the NTP flag is re-read at most once a second."""
 
+    real_time = True
+
     def __init__(self) -> None:
         self._synced = False
         self._checked_at = -1e9
@@ -111,6 +119,7 @@ class SystemClock:
 class ManualClock:
     """A clock tests move by hand (including wall-clock steps)."""
 
+    real_time: ClassVar[bool] = False
     utc_now: float = 1_800_000_000.0
     mono_now: float = 1000.0
     is_synced: bool = True

@@ -200,7 +200,8 @@ class MediaRoutes:
             return
         with trio.move_on_after(_CAPTURE_WAIT):
             while ring.head == 0 or ring.index_to_utc(ring.head) < end:
-                await ring.wait_for(ring.head + 1)
+                missing = 1 if ring.head == 0 else (end - ring.index_to_utc(ring.head)) * ring.rate
+                await ring.wait_for(ring.head + max(1, math.ceil(missing)))
 
     def _plan(self, start: float, end: float, fill: bool) -> AudioPlan:
         ring = self.ring

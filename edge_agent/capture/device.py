@@ -3,8 +3,9 @@ list (`list_input_devices`, `resolve_device`) and the capture timeline that
 stamps each block (`CaptureTimeline`).
 
 The PortAudio callback runs on PortAudio's real-time thread, so it only copies
-the block into a bounded deque and wakes Trio with `run_sync_soon`; it never
-blocks, logs, or waits for Trio.
+the block into a preallocated slot of a `BlockHandoff`, which wakes Trio with
+`run_sync_soon` once a reader of the ring has work; it never blocks, logs, or
+waits for Trio.
 
 Part of the `capture` stage. Imports only the bottom layer (`audio`, `clock`)
 and its sibling `source`; never agent, another stage, metrics or api.
@@ -12,7 +13,6 @@ and its sibling `source`; never agent, another stage, metrics or api.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import threading
@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from ..audio.pcm import SampleFormat, numpy_dtype
 from ..blocking import ThreadRunner
 from ..clock import Clock
+from .handoff import BlockHandoff, Demand, QueuedBlocks
 from .source import Block, CaptureError, SourceStats
 
 __all__ = [
@@ -202,31 +203,6 @@ class CaptureTimeline:
         return start
 
 
-class _Handoff:
-    """The bounded queue between the PortAudio thread and Trio.
-
-    `deque.append`/`popleft` are atomic in CPython, so the callback needs no lock.
-    """
-
-    def __init__(self, max_blocks: int, token: trio.lowlevel.TrioToken) -> None:
-        self.queue: collections.deque[Block] = collections.deque()
-        self.max_blocks = max_blocks
-        self.token = token
-        self.event = trio.Event()
-        self.finished = False
-
-    def wake(self) -> None:
-        # Runs in Trio via run_sync_soon; must never raise.
-        self.event.set()
-
-    def notify(self) -> None:
-        self.token.run_sync_soon(self.wake, idempotent=True)
-
-    async def wait(self) -> None:
-        await self.event.wait()
-        self.event = trio.Event()
-
-
 @dataclass
 class SoundDeviceSource:
     """A PortAudio input stream, chosen by name substring, index or "default".
@@ -248,6 +224,8 @@ class SoundDeviceSource:
     stall_seconds: float = 5.0
     close_timeout: float = 5.0
     stats: SourceStats = field(default_factory=SourceStats)
+    # The ring the blocks go to: Trio is woken when its readers have work.
+    demand: Demand | None = None
     device_name: str = ""
     # Where the previous stream's timeline ended: a reopened stream starts after it.
     _timeline_end: float | None = field(default=None, init=False, repr=False)
@@ -259,7 +237,10 @@ class SoundDeviceSource:
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        handoff = _Handoff(self.queue_blocks, trio.lowlevel.current_trio_token())
+        handoff = BlockHandoff(
+            slots=self.queue_blocks, block_frames=self._block_frames(), channels=self.channels,
+            dtype=numpy_dtype(self.format), stats=self.stats, demand=self.demand,
+            max_hold_frames=max(1, round(self.rate * min(1.0, self.stall_seconds / 2))))
         timeline = CaptureTimeline(self.rate, not_before=self._timeline_end)
         # abandon_on_cancel: shutdown must not wait for a driver that hangs in open.
         stream = await self._runner.run_abandonable(self._start, handoff, timeline)
@@ -277,7 +258,10 @@ class SoundDeviceSource:
             elif timeline.end is not None:
                 self._timeline_end = timeline.end
 
-    def _start(self, handoff: _Handoff, timeline: CaptureTimeline) -> Any:
+    def _block_frames(self) -> int:
+        return max(1, self.rate * self.block_ms // 1000)
+
+    def _start(self, handoff: BlockHandoff, timeline: CaptureTimeline) -> Any:
         """Find the device, check the settings and start the stream (worker thread)."""
         sd = _sd()
         with _PORTAUDIO_LOCK:
@@ -298,12 +282,11 @@ class SoundDeviceSource:
                 raise CaptureError(f"cannot open input device '{info.name}': {exc}") from None
 
             def finished() -> None:
-                handoff.finished = True
                 with contextlib.suppress(trio.RunFinishedError):
-                    handoff.notify()
+                    handoff.finish()
 
             self.stats.opens += 1
-            blocksize = max(1, self.rate * self.block_ms // 1000)
+            blocksize = self._block_frames()
             try:
                 stream = sd.InputStream(
                     device=info.index,
@@ -326,7 +309,7 @@ class SoundDeviceSource:
             return stream
 
     def _make_callback(
-        self, sd: Any, handoff: _Handoff, timeline: CaptureTimeline
+        self, sd: Any, handoff: BlockHandoff, timeline: CaptureTimeline
     ) -> Callable[..., None]:
         clock = self.clock
         stats = self.stats
@@ -342,33 +325,23 @@ class SoundDeviceSource:
             wall_offset = clock.utc() - mono_now
             mono = timeline.stamp(frames, mono_now - latency, overflow=overflow)
             stats.timeline_resyncs = timeline.resyncs
-            block = Block(indata.copy(), mono + wall_offset, mono)
-            if len(handoff.queue) >= handoff.max_blocks:
-                stats.queue_drops += 1
-            else:
-                handoff.queue.append(block)
             try:
-                handoff.notify()
+                handoff.put(indata, mono + wall_offset, mono)
             except trio.RunFinishedError:
                 raise sd.CallbackAbort from None
 
         return callback
 
-    async def _blocks(self, handoff: _Handoff, stream: Any) -> AsyncIterator[Block]:
-        while True:
-            while handoff.queue:
-                block = handoff.queue.popleft()
-                self.stats.blocks += 1
-                self.stats.frames += len(block.frames)
-                yield block
+    def _blocks(self, handoff: BlockHandoff, stream: Any) -> QueuedBlocks:
+        def check() -> bool:
             if handoff.finished or not stream.active:
-                raise CaptureError(f"input device '{self.device_name}' stopped delivering audio "
-                                   "(unplugged?)")
-            with trio.move_on_after(self.stall_seconds) as scope:
-                await handoff.wait()
-            if scope.cancelled_caught:
-                raise CaptureError(f"input device '{self.device_name}' delivered no audio for "
-                                   f"{self.stall_seconds:g} s")
+                raise CaptureError(f"input device '{self.device_name}' stopped delivering "
+                                   "audio (unplugged?)")
+            return True
+
+        return QueuedBlocks(handoff, check, self.stall_seconds,
+                            f"input device '{self.device_name}' delivered no audio for "
+                            f"{self.stall_seconds:g} s")
 
 
 def _pa_code(exc: Exception) -> int | None:

@@ -1,6 +1,13 @@
 """Sources that are not a device: `ToneSource` (a sine, for demos and tests) and
 `FileSource` (a WAV file, paced at real time or as fast as possible).
 
+Each makes its audio in a plain generator of blocks; `_deliver` stamps and paces
+them. Paced at real time for an agent's ring (``demand`` given) by a clock whose
+time passes by itself, a thread of the source's own delivers them through a
+`BlockHandoff`, as PortAudio's callback does, so the agent wakes as it would
+with a microphone: once per reader batch. Otherwise (no ring, as with
+``edge-agent levels``; a test's clock; as fast as possible) Trio paces them.
+
 Part of the `capture` stage. Imports only the bottom layer (`audio`, `clock`)
 and its sibling `source`; never agent, another stage, metrics or api.
 """
@@ -8,21 +15,23 @@ and its sibling `source`; never agent, another stage, metrics or api.
 from __future__ import annotations
 
 import math
+import threading
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import trio
 from numpy.typing import NDArray
 
-from ..audio.pcm import SampleFormat, from_float32, mix_down, unpack_int24
+from ..audio.pcm import SampleFormat, from_float32, mix_down, numpy_dtype, unpack_int24
 from ..audio.resample import StreamResampler
 from ..clock import Clock
-from .source import Block, CaptureError, SourceStats
+from .handoff import BlockHandoff, Demand, QueuedBlocks
+from .source import Block, BlockStream, CaptureError, SourceStats
 
 __all__ = ["FileSource", "ToneSource"]
 
@@ -74,27 +83,23 @@ class ToneSource:
     seconds: float = 0.0
     realtime: bool = True
     stats: SourceStats = field(default_factory=SourceStats)
+    demand: Demand | None = None
 
-    @asynccontextmanager
-    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        self.stats.opens += 1
-        yield self._blocks()
+    def open(self) -> BlockStream:
+        return _deliver(self, self._frames(), self.realtime, self.demand)
 
-    async def _blocks(self) -> AsyncIterator[Block]:
-        pacer = _Pacer(self.clock, self.rate, self.realtime)
+    def _frames(self) -> Iterator[NDArray[Any]]:
         block = max(1, self.rate * self.block_ms // 1000)
         total = round(self.seconds * self.rate) if self.seconds > 0 else None
         amplitude = 10 ** (self.dbfs / 20)
         step = 2 * math.pi * self.tone_hz / self.rate
-        while total is None or pacer.position < total:
-            n = block if total is None else min(block, total - pacer.position)
-            phase = step * (pacer.position + np.arange(n))
+        position = 0
+        while total is None or position < total:
+            n = block if total is None else min(block, total - position)
+            phase = step * (position + np.arange(n))
             mono = (amplitude * np.sin(phase)).astype(np.float32)
-            frames = from_float32(np.repeat(mono[:, None], self.channels, axis=1), self.format)
-            utc, mono_t = await pacer.stamp(n)
-            self.stats.blocks += 1
-            self.stats.frames += n
-            yield Block(frames, utc, mono_t)
+            yield from_float32(np.repeat(mono[:, None], self.channels, axis=1), self.format)
+            position += n
 
 
 @dataclass
@@ -114,6 +119,7 @@ class FileSource:
     realtime: bool = True
     loop: bool = False
     stats: SourceStats = field(default_factory=SourceStats)
+    demand: Demand | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -135,14 +141,11 @@ class FileSource:
             )
         return params.framerate, params.nchannels, params.sampwidth
 
-    @asynccontextmanager
-    async def open(self) -> AsyncIterator[AsyncIterator[Block]]:
-        self.stats.opens += 1
-        yield self._blocks()
+    def open(self) -> BlockStream:
+        return _deliver(self, self._frames(), self.realtime, self.demand)
 
-    async def _blocks(self) -> AsyncIterator[Block]:
+    def _frames(self) -> Iterator[NDArray[Any]]:
         file_rate, file_channels, width = self.describe()
-        pacer = _Pacer(self.clock, self.rate, self.realtime)
         in_block = max(1, file_rate * self.block_ms // 1000)
         resampler = (
             StreamResampler(file_rate, self.rate, self.channels) if file_rate != self.rate else None
@@ -152,13 +155,13 @@ class FileSource:
                 while raw := w.readframes(in_block):
                     block = self._convert(raw, width, file_channels, resampler)
                     if len(block):
-                        yield await self._stamped(pacer, block)
+                        yield block
             if not self.loop:
                 break
         if resampler is not None:
             tail = resampler.flush()
             if len(tail):
-                yield await self._stamped(pacer, from_float32(tail, self.format))
+                yield from_float32(tail, self.format)
 
     def _convert(
         self, raw: bytes, width: int, file_channels: int, resampler: StreamResampler | None
@@ -168,13 +171,73 @@ class FileSource:
         else:
             dtype = np.dtype("<i2") if width == 2 else np.dtype("<i4")
             samples = np.frombuffer(raw, dtype=dtype).reshape(-1, file_channels)
+        if resampler is None and file_channels == self.channels and (
+                (width, self.format) in ((2, SampleFormat.INT16), (4, SampleFormat.INT32))):
+            return samples.astype(samples.dtype.newbyteorder("="))  # already the capture format
         mixed = mix_down(samples, self.channels)
         if resampler is not None:
             mixed = resampler.process(mixed)
         return from_float32(mixed, self.format)
 
-    async def _stamped(self, pacer: _Pacer, frames: NDArray[Any]) -> Block:
-        utc, mono = await pacer.stamp(len(frames))
-        self.stats.blocks += 1
-        self.stats.frames += len(frames)
-        return Block(frames, utc, mono)
+
+class _Generated(Protocol):
+    rate: int
+    channels: int
+    format: SampleFormat
+    clock: Clock
+    block_ms: int
+    stats: SourceStats
+
+
+@asynccontextmanager
+async def _deliver(source: _Generated, frames: Iterator[NDArray[Any]], realtime: bool,
+                   demand: Demand | None) -> AsyncIterator[AsyncIterator[Block]]:
+    """Open: the blocks `frames` makes, stamped and paced (see the module docstring)."""
+    source.stats.opens += 1
+    if realtime and demand is not None and source.clock.real_time:
+        stop = threading.Event()
+        try:
+            yield _from_thread(source, frames, demand, stop)
+        finally:
+            stop.set()
+    else:
+        yield _paced_by_trio(source, frames, realtime)
+
+
+async def _paced_by_trio(source: _Generated, frames: Iterator[NDArray[Any]],
+                         realtime: bool) -> AsyncIterator[Block]:
+    pacer = _Pacer(source.clock, source.rate, realtime)
+    for data in frames:
+        utc, mono = await pacer.stamp(len(data))
+        source.stats.blocks += 1
+        source.stats.frames += len(data)
+        yield Block(data, utc, mono)
+
+
+def _from_thread(source: _Generated, frames: Iterator[NDArray[Any]], demand: Demand,
+                 stop: threading.Event) -> QueuedBlocks:
+    """The blocks, made and paced at real time by a thread of their own and handed
+    over as a capture device's callback does; the thread ends at `stop`."""
+    block = max(1, source.rate * source.block_ms // 1000)
+    handoff = BlockHandoff(slots=max(64, round(10 * source.rate / block)),
+                           block_frames=2 * block + 64, channels=source.channels,
+                           dtype=numpy_dtype(source.format), stats=source.stats,
+                           demand=demand, max_hold_frames=source.rate)
+    clock = source.clock
+
+    def produce() -> None:
+        utc0, mono0, position = clock.utc(), clock.mono(), 0
+        try:
+            for data in frames:
+                offset = position / source.rate
+                position += len(data)
+                if stop.wait(max(0.0, mono0 + position / source.rate - clock.mono())):
+                    return
+                step = (clock.utc() - clock.mono()) - (utc0 - mono0)
+                handoff.put(data, utc0 + offset + step, mono0 + offset)
+            handoff.finish()
+        except trio.RunFinishedError:
+            return  # the agent has exited
+
+    threading.Thread(target=produce, name="edge-agent-source", daemon=True).start()
+    return QueuedBlocks(handoff, lambda: not (handoff.finished and not handoff.queued))

@@ -21,6 +21,7 @@ from ..config import CaptureConfig
 from ..ring import AudioRing
 from ..supervisor import TaskStatus
 from .device import SoundDeviceSource
+from .handoff import Demand, QueuedBlocks
 from .source import Source
 from .synthetic import FileSource, ToneSource
 
@@ -29,22 +30,24 @@ __all__ = ["make_source", "run_capture"]
 log = logging.getLogger(__name__)
 
 
-def make_source(cfg: CaptureConfig, clock: Clock) -> Source:
-    """The capture source the config asks for."""
+def make_source(cfg: CaptureConfig, clock: Clock, *, demand: Demand | None = None) -> Source:
+    """The capture source the config asks for; `demand` is the ring it feeds, whose
+    readers' needs decide when the capture thread wakes Trio."""
     fmt = SampleFormat(cfg.format)
     if cfg.source == "file":
         return FileSource(
             Path(cfg.file), cfg.rate, cfg.channels, fmt, clock,
-            block_ms=cfg.block_ms, realtime=cfg.realtime, loop=cfg.loop,
+            block_ms=cfg.block_ms, realtime=cfg.realtime, loop=cfg.loop, demand=demand,
         )
     if cfg.source == "tone":
         return ToneSource(
             cfg.rate, cfg.channels, fmt, clock, block_ms=cfg.block_ms, tone_hz=cfg.tone_hz,
             dbfs=cfg.tone_dbfs, seconds=cfg.tone_seconds, realtime=cfg.realtime,
+            demand=demand,
         )
     return SoundDeviceSource(
         cfg.device, cfg.rate, cfg.channels, fmt, clock, block_ms=cfg.block_ms,
-        queue_blocks=cfg.queue_blocks, stall_seconds=cfg.stall_seconds,
+        queue_blocks=cfg.queue_blocks, stall_seconds=cfg.stall_seconds, demand=demand,
     )
 
 
@@ -55,8 +58,18 @@ async def run_capture(
     """Move blocks from `source` into `ring` until the source ends, then set
     `finished`; ready once the source is open."""
     async with source.open() as blocks:
-        task_status.started()
-        async for block in blocks:
-            ring.write(block.frames, utc=block.utc, mono=block.mono, synced=clock.synced())
+        ring.capturing = True
+        try:
+            task_status.started()
+            async for block in blocks:
+                ring.write(block.frames, utc=block.utc, mono=block.mono, synced=clock.synced())
+        finally:
+            # A stop must not lose what the capture thread queued but Trio had no
+            # reason to take yet (it wakes once per reader batch).
+            if isinstance(blocks, QueuedBlocks):
+                for block in blocks.flush():
+                    ring.write(block.frames, utc=block.utc, mono=block.mono,
+                               synced=clock.synced())
+            ring.capturing = False
     finished.set()
     log.info("capture finished frames=%d", ring.head)

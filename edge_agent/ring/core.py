@@ -6,6 +6,8 @@ Imports only ``clock``, ``errors`` and the ring's ``types``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import weakref
 from collections import deque
@@ -124,7 +126,13 @@ class AudioRing:
         self._gap_count = 0
         self._step_count = 0
 
-        self._lot = trio.lowlevel.ParkingLot()
+        # Tasks waiting for the head to reach an index: (index, order, event), the
+        # lowest index first. A write wakes exactly those it satisfied.
+        self._waiters: list[tuple[int, int, trio.Event]] = []
+        self._waiter_order = itertools.count()
+        # True while a capture task writes here (it may still hold queued blocks,
+        # which it writes when it stops): a reader's last read waits for that.
+        self.capturing = False
         self._readers: weakref.WeakValueDictionary[int, RingReader] = weakref.WeakValueDictionary()
         self._next_reader_id = 0
 
@@ -199,7 +207,9 @@ class AudioRing:
         self._store(self._head - keep, data[n - keep :])
         self._push_anchor(start, utc, mono, synced)
         self._wall_offset = utc - mono
-        self._lot.unpark_all()
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self._head:
+            heapq.heappop(waiters)[2].set()
         return start
 
     def _store(self, first: int, data: NDArray[Any]) -> None:
@@ -270,13 +280,30 @@ class AudioRing:
         """Open readers still referenced somewhere, oldest first (for metrics)."""
         return list(self._readers.values())
 
+    @property
+    def wake_at(self) -> int | None:
+        """The lowest index a task waits for the head to reach (None: no one waits).
+
+        A capture thread wakes Trio only once its queued frames would bring the
+        head there, so Trio runs once per reader batch, not once per block.
+        """
+        waiters = self._waiters
+        return waiters[0][0] if waiters else None
+
     async def wait_for(self, index: int) -> None:
         """Wait until ``head >= index``, i.e. frames before ``index`` can be read."""
         if self._head >= index:
             await trio.lowlevel.checkpoint()
             return
-        while self._head < index:
-            await self._lot.park()
+        event = trio.Event()
+        entry = (index, next(self._waiter_order), event)
+        heapq.heappush(self._waiters, entry)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled: no longer counts as demand
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
 
     # -- time mapping ------------------------------------------------------------
 
@@ -529,7 +556,7 @@ class RingReader:
         if self.lag >= min_frames:
             await trio.lowlevel.checkpoint()
             return
-        while self.lag < min_frames:
+        while self.lag < min_frames:  # a seek may move the cursor meanwhile
             await self._ring.wait_for(self.cursor + min_frames)
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ _FINAL_ATTEMPTS: Final = 3
 # At shutdown, the share of the seal grace spent encoding; if the encode is still
 # behind then, the rest of the grace writes the backlog as WAV (a copy, no encoding).
 _ENCODE_SHARE: Final = 0.5
+_CAPTURE_STOP_WAIT: Final = 0.25
 # Errors of writing a segment that the segmenter survives (anything else is a bug).
 _WRITE_ERRORS: Final = (OSError, SpoolError, OpusError, FlacError)
 
@@ -88,7 +89,8 @@ class Segmenter:
         config: The ``[segments]`` section.
         backoff: Delays between attempts after a disk error.
         runner: Runs the blocking work (default: a worker thread, one at a time).
-        batch_seconds: How long to gather audio before one trip to the worker thread.
+        batch_seconds: Audio gathered for one trip to the worker thread (and one
+            wake-up of this task).
         seal_grace: Bound on sealing the open segment when the task is cancelled.
         max_write_seconds: Most audio handed to the encoder in one call.
     """
@@ -136,13 +138,13 @@ class Segmenter:
         task_status.started()
         try:
             while True:
+                # One wake-up per batch (the capture thread wakes Trio only when a
+                # reader's wait is met); a mic gone quiet still gets its fsync.
                 with trio.move_on_after(self.config.fsync_seconds) as idle:
-                    await reader.wait(1)
-                if idle.cancelled_caught:
+                    await reader.wait(batch)
+                if idle.cancelled_caught and reader.lag <= 0:
                     await self._idle_sync()
                     continue
-                with trio.move_on_after(self.batch_seconds):
-                    await reader.wait(batch)
                 await self._pump(final=False)
         finally:
             await self._finish()
@@ -155,6 +157,12 @@ class Segmenter:
         then is sealed as WAV segments, which costs a copy to disk and no encoding.
         What even that cannot write is counted as lost.
         """
+        # When the agent stops, capture stops at the same moment and first writes
+        # what its thread still held: give it that moment (it may also run on, when
+        # only this task stops).
+        with trio.move_on_after(_CAPTURE_STOP_WAIT, shield=True):
+            while self.ring.capturing:  # noqa: ASYNC110 (set by another task, no event)
+                await trio.sleep(_CAPTURE_STOP_WAIT / 50)
         with trio.move_on_after(self.seal_grace * _ENCODE_SHARE, shield=True) as scope:
             await self._pump(final=True)
         if scope.cancelled_caught:

@@ -3,6 +3,7 @@ pending while the backend answers, for at most ``upload.shutdown_seconds``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ def config(tmp_path: Path, base: str, **upload: Any) -> Any:
 
 
 async def run_briefly(agent: Agent) -> None:
+    # Segments end on wall-clock minutes: a run across hh:mm:00 would seal one early.
+    into_minute = time.time() % 60
+    if into_minute > 55:
+        await trio.sleep(61 - into_minute)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
