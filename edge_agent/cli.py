@@ -130,9 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
+    from . import configfile
+
     action = args.config_command
     if action == "init":
-        text = cfgmod.dump(msgspec.to_builtins(cfgmod.default_config()))
+        text = configfile.render(cfgmod.default_config(), header=configfile.HEADER)
         if args.path is None:
             sys.stdout.write(text)
             return 0
@@ -148,21 +150,11 @@ def _config(args: argparse.Namespace) -> int:
         print(f"{args.path}: ok")
         return 0
     if action == "show":
-        sys.stdout.write(cfgmod.to_toml(cfgmod.load_config(args.path)))
+        sys.stdout.write(configfile.render(cfgmod.load_config(args.path)))
         return 0
     if action == "set":
-        raw = cfgmod.read_toml(args.path)
-        for text in args.assignments:
-            parts, value = cfgmod.parse_assignment(text)
-            cfgmod.assign(raw, parts, value)
-        # Validate the edited document before anything touches the file.
-        try:
-            cfgmod.validate(raw)
-        except cfgmod.ConfigError as exc:
-            raise cfgmod.ConfigError(
-                [f"{args.path}: {line} (file left unchanged)" for line in exc.problems]
-            ) from None
-        write_atomic(args.path, cfgmod.dump(raw))
+        # Validated before anything touches the file; comments and order are kept.
+        write_atomic(args.path, configfile.edit(args.path, args.assignments))
         print(f"{args.path}: updated {', '.join(a.partition('=')[0] for a in args.assignments)}")
         return 0
     raise AssertionError(action)

@@ -1,10 +1,12 @@
-"""The agent's one TOML config file: schema, validation with key-path errors, writing.
+"""The agent's one TOML config file: schema, validation with key-path errors, reading.
 
 Every key has a default, so `edge-agent config init` writes a complete file and an
 installer only changes what differs on site. Validation collects *every* problem,
 one line each, naming the key path and what was expected, because a person fixing
 a file on a device wants the whole list at once, not one error per attempt.
-Unknown keys are errors: a typo must never be silently ignored.
+Unknown keys are errors: a typo must never be silently ignored. Every key says
+what it does and its unit in ``Meta(description=...)``: ``configfile`` writes it
+as the key's comment.
 
 Bottom layer: imports only ``wire`` and ``errors``; every stage reads its
 section from here, and every rule about the config lives here.
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-import tomli_w
+from msgspec import Meta
 
 from .errors import EdgeAgentError
 from .wire import DEVICE_ID_PATTERN
@@ -40,166 +42,225 @@ __all__ = [
     "SegmentsConfig",
     "SttConfig",
     "UploadConfig",
-    "assign",
     "default_config",
-    "dump",
     "load_config",
-    "parse_assignment",
+    "parse_toml",
+    "read_config_text",
     "read_toml",
-    "to_toml",
     "validate",
 ]
 
 
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of every config section: unknown keys are rejected."""
+    """Base of every config section: unknown keys are rejected.
+
+    Each key carries a one-line ``Meta(description=...)`` saying what it does and
+    its unit: `config init` and `config show` write it as the key's comment.
+    """
 
 
 class DeviceConfig(_Section):
     """Who this device is and where it keeps its state."""
 
-    id: Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)] = "edge-0001"
-    data_dir: str = "/var/lib/edge-agent"
+    id: Annotated[str, Meta(pattern=DEVICE_ID_PATTERN, description=(
+        "Names this device in uploads and the API: letters, digits, '.', '_' or '-'"
+    ))] = "edge-0001"
+    data_dir: Annotated[str, Meta(description=(
+        "Directory of the spool, transcripts and state (a path)"))] = "/var/lib/edge-agent"
 
 
 class CaptureConfig(_Section):
     """Where audio comes from and in which format it is held in the ring."""
 
-    source: Literal["sounddevice", "file", "tone"] = "sounddevice"
-    # Name substring (USB mics change index on re-plug), an index, or "default".
-    device: str | int = "default"
-    rate: Annotated[int, msgspec.Meta(ge=8000, le=384000)] = 48000
-    channels: Annotated[int, msgspec.Meta(ge=1, le=32)] = 1
-    format: Literal["int16", "int32", "float32"] = "int16"
-    block_ms: Annotated[int, msgspec.Meta(ge=5, le=1000)] = 20
-    # Blocks the PortAudio callback may queue while Trio is busy; overflow is counted.
-    queue_blocks: Annotated[int, msgspec.Meta(ge=4, le=100000)] = 500
-    # No block for this long means the device is gone: fail so the supervisor reopens it.
-    stall_seconds: PositiveSeconds = 5.0
-    # source = "file": a WAV file, paced at real time or as fast as possible.
-    file: str = ""
-    realtime: bool = True
-    loop: bool = False
-    # source = "tone": a sine for tests and demos; seconds = 0 runs forever.
-    tone_hz: Annotated[float, msgspec.Meta(gt=0)] = 440.0
-    tone_dbfs: Annotated[float, msgspec.Meta(le=0)] = -20.0
-    tone_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    source: Annotated[Literal["sounddevice", "file", "tone"], Meta(description=(
+        'Where audio comes from: "sounddevice" (a mic), "file" (a WAV file) or '
+        '"tone" (a sine)'))] = "sounddevice"
+    device: Annotated[str | int, Meta(description=(
+        'Input device: a name substring (USB mics change index), an index or "default"'
+    ))] = "default"
+    rate: Annotated[int, Meta(ge=8000, le=384000, description=(
+        "Sample rate captured and held in the ring (Hz)"))] = 48000
+    channels: Annotated[int, Meta(ge=1, le=32, description="Channels captured")] = 1
+    format: Annotated[Literal["int16", "int32", "float32"], Meta(description=(
+        'Sample format held in the ring: "int16", "int32" (24- and 32-bit mics) or '
+        '"float32"'))] = "int16"
+    block_ms: Annotated[int, Meta(ge=5, le=1000, description=(
+        "Length of one capture block (milliseconds)"))] = 20
+    queue_blocks: Annotated[int, Meta(ge=4, le=100000, description=(
+        "Blocks the audio callback may queue for the agent; more are counted as overflow"))] = 500
+    stall_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "No audio for this long means the device is gone: it is reopened (seconds)"))] = 5.0
+    file: Annotated[str, Meta(description=(
+        'With source = "file": the WAV file to play (a path)'))] = ""
+    realtime: Annotated[bool, Meta(description=(
+        'With source = "file": pace it at real time (false: as fast as possible)'))] = True
+    loop: Annotated[bool, Meta(description=(
+        'With source = "file": start over at its end'))] = False
+    tone_hz: Annotated[float, Meta(gt=0, description=(
+        'With source = "tone": frequency of the sine (Hz)'))] = 440.0
+    tone_dbfs: Annotated[float, Meta(le=0, description=(
+        'With source = "tone": level of the sine (dBFS)'))] = -20.0
+    tone_seconds: Annotated[float, Meta(ge=0, description=(
+        'With source = "tone": how long it plays, 0 for ever (seconds)'))] = 0.0
 
 
 class RingConfig(_Section):
     """The in-memory ring: how many seconds of capture are held for readers."""
 
-    seconds: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 300.0
+    seconds: Annotated[float, Meta(ge=1, le=86400, description=(
+        "Audio held in memory for live readers and the API, set at start (seconds)"))] = 300.0
 
 
 class SttConfig(_Section):
     """Live transcription (best effort)."""
 
-    enabled: bool = False
-    protocol: Literal["openai", "deepgram", "raw"] = "raw"
-    url: str = ""
-    token_file: str = ""
-    model: str = ""
-    language: str = ""
-    prompt: str = ""
-    rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
-    bitrate: Annotated[int, msgspec.Meta(ge=6000, le=256000)] = 24000
-    # "vad" cuts at pauses in speech and sends nothing for silence; "fixed" cuts
-    # every chunk_seconds.
-    chunking: Literal["fixed", "vad"] = "vad"
-    chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
-    min_chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 1.0
-    max_chunk_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
-    vad: Literal["webrtc", "energy"] = "webrtc"
-    vad_aggressiveness: Annotated[int, msgspec.Meta(ge=0, le=3)] = 2
-    # A pause this long ends a chunk; this much audio before speech starts is kept.
-    vad_silence_seconds: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
-    vad_preroll_seconds: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.3
-    timeout_seconds: PositiveSeconds = 30.0
-    # Failed chunks are retried with backoff while younger than max_age_seconds.
-    max_age_seconds: PositiveSeconds = 60.0
-    backoff_initial_seconds: PositiveSeconds = 0.5
-    backoff_max_seconds: PositiveSeconds = 10.0
-    # Chunks waiting to be sent, bounded by audio seconds and bytes; the oldest
-    # are dropped (and counted) past either.
-    backlog_seconds: PositiveSeconds = 120.0
-    backlog_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 2_000_000
-    # Days of transcripts kept under data_dir/transcripts (one JSONL file per UTC day).
-    transcript_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
+    enabled: Annotated[bool, Meta(description=(
+        "Send the audio to a speech-to-text service as it is captured"))] = False
+    protocol: Annotated[Literal["openai", "deepgram", "raw"], Meta(description=(
+        'How chunks are sent: "openai", "deepgram" or "raw" (see the README)'))] = "raw"
+    url: Annotated[str, Meta(description=(
+        "The service's full endpoint (an http:// or https:// URL)"))] = ""
+    token_file: Annotated[str, Meta(description=(
+        "File holding the bearer token or Deepgram key (a path; empty: none)"))] = ""
+    model: Annotated[str, Meta(description=(
+        'Model named in each request, e.g. "whisper-1" (empty: none)'))] = ""
+    language: Annotated[str, Meta(description=(
+        'Language of the speech, e.g. "en" (empty: the service detects it)'))] = ""
+    prompt: Annotated[str, Meta(description=(
+        'Text sent as the prompt with each chunk, protocol "openai" (empty: none)'))] = ""
+    rate: Annotated[int, Meta(ge=8000, le=48000, description=(
+        "Sample rate of the audio sent (Hz)"))] = 16000
+    bitrate: Annotated[int, Meta(ge=6000, le=256000, description=(
+        "Opus bit rate of the audio sent (bit/s)"))] = 24000
+    chunking: Annotated[Literal["fixed", "vad"], Meta(description=(
+        '"vad": cut at pauses in speech, send no silence; "fixed": cut every chunk_seconds'
+    ))] = "vad"
+    chunk_seconds: Annotated[float, Meta(gt=0, le=300, description=(
+        'Length of a chunk with chunking = "fixed" (seconds)'))] = 5.0
+    min_chunk_seconds: Annotated[float, Meta(gt=0, le=300, description=(
+        'Shortest chunk with chunking = "vad" (seconds)'))] = 1.0
+    max_chunk_seconds: Annotated[float, Meta(gt=0, le=300, description=(
+        'Longest chunk with chunking = "vad"; longer speech is cut (seconds)'))] = 15.0
+    vad: Annotated[Literal["webrtc", "energy"], Meta(description=(
+        'Speech detector: "webrtc", or "energy" (any sound above -45 dBFS)'))] = "webrtc"
+    vad_aggressiveness: Annotated[int, Meta(ge=0, le=3, description=(
+        "How strict the webrtc detector is, 0 (lenient) to 3 (strict)"))] = 2
+    vad_silence_seconds: Annotated[float, Meta(gt=0, le=10, description=(
+        "A pause this long ends a chunk (seconds)"))] = 0.5
+    vad_preroll_seconds: Annotated[float, Meta(ge=0, le=2, description=(
+        "Audio kept from before speech starts (seconds)"))] = 0.3
+    timeout_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest wait for the service's answer to a chunk (seconds)"))] = 30.0
+    max_age_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Failed chunks are retried while younger than this (seconds)"))] = 60.0
+    backoff_initial_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Delay before the first retry, doubling up to the longest (seconds)"))] = 0.5
+    backoff_max_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest delay between retries (seconds)"))] = 10.0
+    backlog_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Audio waiting to be sent, at most; past it the oldest chunks are dropped "
+        "(seconds)"))] = 120.0
+    backlog_bytes: Annotated[int, Meta(ge=1024, description=(
+        "Chunks waiting to be sent, at most; past it the oldest are dropped "
+        "(bytes)"))] = 2_000_000
+    transcript_days: Annotated[int, Meta(ge=1, le=3650, description=(
+        "Transcripts kept under data_dir/transcripts, one file a UTC day (days)"))] = 30
 
 
 class SegmentsConfig(_Section):
     """Durable, wall-clock aligned segments spooled to disk."""
 
-    enabled: bool = True
-    seconds: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
-    format: Literal["opus", "flac", "wav"] = "opus"
-    bitrate: Annotated[int, msgspec.Meta(ge=6000, le=256000)] = 32000
-    fsync_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
-    max_spool_mb: Annotated[int, msgspec.Meta(ge=1)] = 2048
-    min_free_mb: Annotated[int, msgspec.Meta(ge=0)] = 200
-    retain_synced_hours: Annotated[float, msgspec.Meta(ge=0)] = 24.0
+    enabled: Annotated[bool, Meta(description=(
+        "Keep the audio on disk in segments under data_dir/spool"))] = True
+    seconds: Annotated[int, Meta(ge=5, le=3600, description=(
+        "Length of a segment, aligned to the wall clock (seconds)"))] = 60
+    format: Annotated[Literal["opus", "flac", "wav"], Meta(description=(
+        'Segment format: "opus", "flac" (Ogg FLAC) or "wav"'))] = "opus"
+    bitrate: Annotated[int, Meta(ge=6000, le=256000, description=(
+        "Opus bit rate (bit/s)"))] = 32000
+    fsync_seconds: Annotated[float, Meta(gt=0, le=600, description=(
+        "How often the open segment is flushed to disk: what a crash can lose (seconds)"
+        ))] = 5.0
+    max_spool_mb: Annotated[int, Meta(ge=1, description=(
+        "Spool size at most; past it the oldest synced segments go first (MB)"))] = 2048
+    min_free_mb: Annotated[int, Meta(ge=0, description=(
+        "Disk space kept free; below it the oldest synced segments go first (MB)"))] = 200
+    retain_synced_hours: Annotated[float, Meta(ge=0, description=(
+        "How long uploaded segments are kept for retrieval (hours)"))] = 24.0
 
 
 class UploadConfig(_Section):
     """Syncing sealed segments to the backend."""
 
-    enabled: bool = False
-    url: str = ""
-    token_file: str = ""
-    timeout_seconds: PositiveSeconds = 60.0
-    backoff_initial_seconds: PositiveSeconds = 1.0
-    backoff_max_seconds: PositiveSeconds = 300.0
-    max_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)] = 0
-    # After a stop (SIGTERM) sealed the open segment: how long the agent goes on
-    # uploading what is pending while the backend answers (0: not at all).
-    shutdown_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 4.0
+    enabled: Annotated[bool, Meta(description=(
+        "Upload sealed segments to the backend (needs segments.enabled)"))] = False
+    url: Annotated[str, Meta(description=(
+        "Where each segment is PUT: a URL template with {device} and {segment}"))] = ""
+    token_file: Annotated[str, Meta(description=(
+        "File holding the bearer token (a path; empty: none)"))] = ""
+    timeout_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest time one whole upload may take (seconds)"))] = 60.0
+    backoff_initial_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Delay before the first retry, doubling up to the longest (seconds)"))] = 1.0
+    backoff_max_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest delay between retries; also caps a Retry-After (seconds)"))] = 300.0
+    max_bytes_per_second: Annotated[int, Meta(ge=0, description=(
+        "Upload speed limit, 0 for none (bytes/s)"))] = 0
+    shutdown_seconds: Annotated[float, Meta(ge=0, le=60, description=(
+        "After a stop, how long pending segments are still sent, 0 for not at all "
+        "(seconds)"))] = 4.0
 
 
 class ApiConfig(_Section):
     """The device HTTP API."""
 
-    enabled: bool = False
-    # HOST:PORT; beyond loopback only with a token_file.
-    listen: str = "127.0.0.1:8640"
-    # One bearer token on one line. Empty (loopback only): a random token is
-    # created in <data_dir>/api-token, mode 0600, on first start.
-    token_file: str = ""
-    # Longest time range one /v1/audio request may ask for.
-    max_range_seconds: PositiveSeconds = 3600.0
-    # /v1/audio requests converted at once; more wait in a queue of at most
-    # max_audio_queue for up to audio_queue_seconds, then get 503 + Retry-After.
-    max_audio_encodes: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
-    max_audio_queue: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 16
-    audio_queue_seconds: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
-    # Segment downloads served at once; more get 503 + Retry-After.
-    max_downloads: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
-    # Client connections served at once (each holds a file descriptor); a few more
-    # are let in for /healthz and /metrics only; past that new ones are closed.
-    max_connections: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
-    # Listeners of /v1/live at once, and the longest one listens.
-    max_live_listeners: Annotated[int, msgspec.Meta(ge=0, le=64)] = 4
-    live_max_seconds: PositiveSeconds = 3600.0
-    # A request must start its response within this time; a client that takes
-    # no data for this long is dropped (its connection closed); an idle
-    # keep-alive connection is closed after it.
-    request_timeout_seconds: PositiveSeconds = 30.0
+    enabled: Annotated[bool, Meta(description="Serve the device HTTP API")] = False
+    listen: Annotated[str, Meta(description=(
+        "Address to serve on (HOST:PORT); beyond loopback only with a token_file"
+    ))] = "127.0.0.1:8640"
+    token_file: Annotated[str, Meta(description=(
+        "Bearer token file (a path; empty, on loopback: a random one in data_dir/api-token)"))] = ""
+    max_range_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest time range one /v1/audio request may ask for (seconds)"))] = 3600.0
+    max_audio_encodes: Annotated[int, Meta(ge=1, le=64, description=(
+        "/v1/audio requests converted at once"))] = 2
+    max_audio_queue: Annotated[int, Meta(ge=0, le=1024, description=(
+        "/v1/audio requests waiting their turn, at most; more get 503"))] = 16
+    audio_queue_seconds: Annotated[float, Meta(ge=0, le=300, description=(
+        "Longest wait of a /v1/audio request in the queue, then 503 (seconds)"))] = 5.0
+    max_downloads: Annotated[int, Meta(ge=1, le=1024, description=(
+        "Segment downloads served at once; more get 503"))] = 32
+    max_connections: Annotated[int, Meta(ge=1, le=4096, description=(
+        "Client connections served at once; a few more only for /healthz and /metrics"
+        ))] = 64
+    max_live_listeners: Annotated[int, Meta(ge=0, le=64, description=(
+        "Listeners of /v1/live at once"))] = 4
+    live_max_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Longest one /v1/live listener stays (seconds)"))] = 3600.0
+    request_timeout_seconds: Annotated[PositiveSeconds, Meta(description=(
+        "Time to start a response; a client stalled or idle this long is dropped (seconds)"
+    ))] = 30.0
 
 
 class RecordingsConfig(_Section):
-    """Named recordings the backend brackets from the capture (POST /v1/recordings),
-    sealed into the spool and uploaded like segments (needs segments.enabled)."""
+    """Named recordings the backend brackets from the capture (POST /v1/recordings).
 
-    enabled: bool = True
-    format: Literal["opus", "flac", "wav", "mp3", "pcm"] = "opus"
-    # Opus bit/s; MP3 uses it too (rounded to kbit/s).
-    bitrate: Annotated[int, msgspec.Meta(ge=8000, le=256000)] = 32000
-    max_active: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
-    # A recording that reaches this length stops and is sealed by itself.
-    max_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 14400.0
+    Sealed into the spool and uploaded like segments (needs segments.enabled).
+    """
+
+    enabled: Annotated[bool, Meta(description=(
+        "Accept named recordings (POST /v1/recordings)"))] = True
+    format: Annotated[Literal["opus", "flac", "wav", "mp3", "pcm"], Meta(description=(
+        'Recording format: "opus", "flac", "wav", "mp3" or "pcm"'))] = "opus"
+    bitrate: Annotated[int, Meta(ge=8000, le=256000, description=(
+        "Opus bit rate; MP3 uses it rounded to kbit/s (bit/s)"))] = 32000
+    max_active: Annotated[int, Meta(ge=1, le=64, description=(
+        "Recordings at once; more get 429"))] = 4
+    max_seconds: Annotated[float, Meta(gt=0, le=86400, description=(
+        "A recording this long stops and is sealed by itself (seconds)"))] = 14400.0
 
 
 class AgentConfig(_Section):
@@ -466,11 +527,11 @@ def read_secret(path: str | os.PathLike[str], key: str, *,
 # Files
 
 
-def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a TOML file, turning every way it can fail into one clear line."""
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of a config file, every way reading it can fail turned into one line."""
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8")
+        return p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             [f"{p}: no such file (create one with: edge-agent config init {p})"]
@@ -483,10 +544,19 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError([f"{p}: not UTF-8 text (byte {exc.start})"]) from None
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read ({exc.strerror})"]) from None
+
+
+def parse_toml(text: str, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The document in `text` (read from `path`), or `ConfigError` in one line."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+        raise ConfigError([f"{Path(path)}: not valid TOML: {exc}"]) from None
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file, turning every way it can fail into one clear line."""
+    return parse_toml(read_config_text(path), path)
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
@@ -496,52 +566,3 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         return validate(raw)
     except ConfigError as exc:
         raise ConfigError([f"{Path(path)}: {line}" for line in exc.problems]) from None
-
-
-def to_toml(cfg: AgentConfig) -> str:
-    return tomli_w.dumps(msgspec.to_builtins(cfg))
-
-
-HEADER = (
-    "# edge-agent configuration. Every key is shown with its default.\n"
-    "# Check a change with `edge-agent config check FILE`; edit on site with\n"
-    "# `edge-agent config set FILE key.path=value`.\n\n"
-)
-
-
-def dump(raw: dict[str, Any]) -> str:
-    """A raw document as the text of a config file."""
-    return HEADER + tomli_w.dumps(raw)
-
-
-def parse_assignment(text: str) -> tuple[list[str], Any]:
-    """Parse `key.path=value` from the command line.
-
-    The value is read as a TOML value when it is one (`48000`, `true`, `"x"`,
-    `[1, 2]`), otherwise it is taken as a bare string, so `device.id=edge-7`
-    works without shell-quoted TOML quotes.
-    """
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError([f"{text}: expected key.path=value"])
-    parts = key.split(".")
-    if any(not re.fullmatch(r"[A-Za-z0-9_-]+", part) for part in parts):
-        raise ConfigError([f"{key}: expected a dotted key path such as capture.rate"])
-    value = value.strip()
-    try:
-        parsed: Any = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return parts, parsed
-
-
-def assign(raw: dict[str, Any], parts: list[str], value: Any) -> None:
-    """Set a value at a key path in a raw TOML document, creating tables."""
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError([f"{'.'.join(parts[: i + 1])}: is a value, not a table"])
-        node = child
-    node[parts[-1]] = value

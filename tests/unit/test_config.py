@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import tomllib
+import typing
 from pathlib import Path
+from typing import Literal
 
+import msgspec
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.config import ConfigError, default_config, load_config, validate
+from edge_agent.config import (
+    AgentConfig,
+    CaptureConfig,
+    ConfigError,
+    default_config,
+    load_config,
+    validate,
+)
+from edge_agent.configfile import describe
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -140,6 +151,7 @@ def test_show_prints_the_effective_config(
     assert shown["capture"]["rate"] == 16000
     assert shown["device"]["id"] == "kitchen-1"
     assert shown["ring"]["seconds"] == default_config().ring.seconds  # defaults filled in
+    assert f"# {describe(CaptureConfig)['rate']}\nrate = 16000\n" in out
 
 
 def test_set_edits_in_place_and_keeps_other_keys(
@@ -197,3 +209,134 @@ def test_set_keeps_the_file_mode(cfg_file: Path, capsys: pytest.CaptureFixture[s
     assert run_cli(capsys, "config", "set", str(cfg_file), "ring.seconds=120")[0] == 0
     assert cfg_file.stat().st_mode & 0o777 == 0o600
     assert load_config(cfg_file).ring.seconds == 120
+
+
+# ----------------------------------------------------------------------------
+# The file stays the person's: comments on every key, edits that keep theirs
+
+SECTIONS = {f.encode_name: typing.get_type_hints(AgentConfig)[f.name]
+            for f in msgspec.structs.fields(AgentConfig)}
+
+
+def test_init_comments_every_key_and_loads_back_to_the_defaults(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "config", "init")
+    assert code == 0
+    assert validate(tomllib.loads(out)) == default_config()
+    lines = out.splitlines()
+    for name, section in SECTIONS.items():
+        header = lines.index(f"[{name}]")
+        assert lines[header - 1].startswith("# "), f"[{name}] has no comment"
+        body = lines[header + 1:]
+        end = next((i for i, line in enumerate(body) if line.startswith("[")), len(body))
+        keys = [line.split(" = ")[0] for line in body[:end] if " = " in line
+                and not line.startswith("#")]
+        assert keys == [f.encode_name for f in msgspec.structs.fields(section)]
+        for i, line in enumerate(body[:end]):
+            if not line.startswith("#") and " = " in line:
+                comment = body[i - 1]
+                assert comment.startswith("# ") and len(comment) > 10, \
+                    f"{name}.{line.split(' = ')[0]} has no comment"
+
+
+def test_each_comment_is_one_short_line_naming_every_choice() -> None:
+    for name, section in SECTIONS.items():
+        hints = typing.get_type_hints(section, include_extras=True)
+        for key, description in describe(section).items():
+            assert "\n" not in description and len(f"# {description}") <= 88, f"{name}.{key}"
+            field_type = typing.get_args(hints[key])[0]
+            for choice in typing.get_args(field_type) if typing.get_origin(
+                    field_type) is Literal else ():
+                assert f'"{choice}"' in description, f"{name}.{key} does not name {choice!r}"
+
+
+COMMENTED = """\
+# Porch unit, mounted 2024-05
+[device]
+  id = 'porch-7'   # the label on the box
+
+# The mic on the left
+[capture]
+rate   = 48000   # the mic's native rate
+format = "int32"
+
+# Keep ten minutes
+[ring]
+seconds = 600
+"""
+
+
+def test_set_changes_only_the_lines_of_the_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(COMMENTED)
+    code, out, err = run_cli(capsys, "config", "set", str(path), "device.id=porch-8",
+                             "capture.rate=16000", "ring.seconds=120")
+    assert (code, out, err) == (0, f"{path}: updated device.id, capture.rate, ring.seconds\n",
+                                "")
+    before, after = COMMENTED.splitlines(), path.read_text().splitlines()
+    assert len(after) == len(before)
+    assert [(a, b) for a, b in zip(before, after, strict=True) if a != b] == [
+        ("  id = 'porch-7'   # the label on the box", "  id = 'porch-8'   # the label on the box"),
+        ("rate   = 48000   # the mic's native rate", "rate   = 16000   # the mic's native rate"),
+        ("seconds = 600", "seconds = 120"),
+    ]
+
+
+def test_set_keeps_every_comment_of_an_init_file(
+    cfg_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = cfg_file.read_text().splitlines()
+    assert run_cli(capsys, "config", "set", str(cfg_file), "stt.enabled=true",
+                   "stt.url=http://127.0.0.1:8650/v1/stt/raw")[0] == 0
+    after = cfg_file.read_text().splitlines()
+    assert [(a, b) for a, b in zip(before, after, strict=True) if a != b] == [
+        ("enabled = false", "enabled = true"),
+        ('url = ""', 'url = "http://127.0.0.1:8650/v1/stt/raw"'),
+    ]
+    assert before.index("[stt]") < after.index('url = "http://127.0.0.1:8650/v1/stt/raw"')
+
+
+def test_set_adds_an_absent_key_after_the_last_key_of_its_section(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(COMMENTED)
+    assert run_cli(capsys, "config", "set", str(path), "capture.channels=2",
+                   "device.data_dir=/srv/porch", "ring.seconds=120",
+                   'device.id="porch-9"')[0] == 0
+    # Not under "# Keep ten minutes", which introduces [ring]; indented like its neighbour.
+    assert path.read_text() == COMMENTED.replace(
+        "'porch-7'   # the label on the box\n",
+        "'porch-9'   # the label on the box\n  data_dir = \"/srv/porch\"\n").replace(
+        'format = "int32"\n', 'format = "int32"\nchannels = 2\n').replace(
+        "seconds = 600", "seconds = 120")
+
+
+@pytest.mark.parametrize("ending", ["", "\n", "\n# seconds = 900 was too much memory\n"])
+def test_set_adds_an_absent_section_at_the_end_after_a_blank_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ending: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[ring]\nseconds = 600" + ending)
+    assert run_cli(capsys, "config", "set", str(path), "capture.rate=16000",
+                   "capture.channels=2")[0] == 0
+    assert path.read_text() == ("[ring]\nseconds = 600" + (ending or "\n")
+                                + "\n[capture]\nrate = 16000\nchannels = 2\n")
+
+
+def test_set_on_an_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("")
+    assert run_cli(capsys, "config", "set", str(path), "device.id=porch-1")[0] == 0
+    assert path.read_text() == '[device]\nid = "porch-1"\n'
+
+
+def test_the_readme_shows_what_init_writes(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    start = section.index("```toml\n") + len("```toml\n")
+    example = section[start:section.index("```\n", start)]
+    assert example in run_cli(capsys, "config", "init")[1]
