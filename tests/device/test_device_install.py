@@ -1,5 +1,7 @@
 """What goes onto a device: hardware profiles, ALSA and udev files, and
-scripts/install-device (tested with --dry-run only; it never runs for real here)."""
+scripts/install-device: dry runs, and real runs only with input it must refuse
+before its first step (with stand-ins on PATH for the commands that change the
+system, should it not)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import select
 import shlex
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from edge_agent.config import default_config, load_config, validate
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install-device"
 PROFILES = sorted((REPO / "hardware" / "profiles").glob("*.toml"))
-EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 
 
 def install(tmp_path: Path, *args: str, dry: bool = True, path: Path | None = None,
@@ -95,6 +95,7 @@ def steps(out: str) -> list[str]:
 
 
 def summary(out: str) -> list[str]:
+    """The lines of the summary a run ends with."""
     lines = out.splitlines()
     start = lines.index("== summary")
     return lines[start + 1:lines.index("", start)]
@@ -212,12 +213,19 @@ def test_rerun_with_options_changes_only_those_keys(tmp_path: Path) -> None:
     token = tmp_path / "upload.token"
     token.write_text("secret\n")
     url = "http://10.0.0.2:8650/v1/devices/{device}/segments/{segment}"
-    out = dry_run(tmp_path, "--upload-url", url, "--token", f"upload={token}")
+    stt = "http://10.0.0.2:8000/v1/audio/transcriptions"
+    out = dry_run(tmp_path, "--upload-url", url, "--token", f"upload={token}",
+                  "--stt-url", stt, "--stt-protocol", "openai")
     assert out.returncode == 0, out.stderr
-    assert "changing upload.enabled upload.url upload.token_file of the existing config" \
-        in out.stdout
+    # The agent's warnings pass through, naming the option.
+    assert out.stderr == (
+        'install-device: warning: --stt-url: stt.model: empty with stt.protocol = "openai"; '
+        'hosted services and most servers refuse a request without one (e.g. "whisper-1")\n')
+    assert ("changing stt.enabled stt.url upload.enabled upload.url stt.protocol "
+            "upload.token_file of the existing config") in out.stdout
     raw = tomllib.loads(written(out.stdout, f"{etc}/agent.toml"))
     assert raw == {"device": {"id": "site-3"}, "capture": {"rate": 16000},
+                   "stt": {"enabled": True, "url": stt, "protocol": "openai"},
                    "upload": {"enabled": True, "url": url,
                               "token_file": f"{etc}/tokens/upload.token"}}
     assert f"uploads: enabled, {url}, token {etc}/tokens/upload.token" in summary(out.stdout)
