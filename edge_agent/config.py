@@ -296,22 +296,31 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     """Turn a parsed TOML document into an `AgentConfig`, or raise `ConfigError`
     listing every problem found."""
     problems: list[str] = []
-    value = _convert_struct(raw, AgentConfig, "", problems)
-    if not problems:
-        assert isinstance(value, AgentConfig)
-        problems.extend(_cross_checks(value))
+    bad: list[str] = []
+    value = _convert_struct(raw, AgentConfig, "", problems, bad)
+    assert isinstance(value, AgentConfig)
+    # The rules across keys run even when some keys are bad (those hold their
+    # defaults here), so one check lists every problem. A rule that names a bad
+    # key is left out: it would judge the default, not what the file says.
+    problems.extend(p for p in _cross_checks(value) if not _names_any(p, bad))
     if problems:
         raise ConfigError(problems)
-    assert isinstance(value, AgentConfig)
     return value
 
 
+def _names_any(problem: str, key_paths: list[str]) -> bool:
+    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", problem) for k in key_paths)
+
+
 def _convert_struct(
-    raw: Any, cls: type[msgspec.Struct], path: str, problems: list[str]
-) -> msgspec.Struct | None:
+    raw: Any, cls: type[msgspec.Struct], path: str, problems: list[str], bad: list[str]
+) -> msgspec.Struct:
+    """`cls` from a raw table; a key that is bad is reported in `problems`, named
+    in `bad` and left at its default."""
     if not isinstance(raw, dict):
         problems.append(f"{path.rstrip('.') or 'config'}: expected a table, got {_show(raw)}")
-        return None
+        bad.append(path.rstrip("."))
+        return cls()
     fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
     hints = typing.get_type_hints(cls, include_extras=True)
     for key in raw:
@@ -324,14 +333,13 @@ def _convert_struct(
         ftype = hints[field.name]
         key_path = f"{path}{name}"
         if isinstance(ftype, type) and issubclass(ftype, msgspec.Struct):
-            kwargs[field.name] = _convert_struct(raw[name], ftype, key_path + ".", problems)
+            kwargs[field.name] = _convert_struct(raw[name], ftype, key_path + ".", problems, bad)
             continue
         try:
             kwargs[field.name] = msgspec.convert(raw[name], ftype, strict=True)
         except msgspec.ValidationError as exc:
             problems.append(f"{key_path}: {_expected(ftype, str(exc))}, got {_show(raw[name])}")
-    if any(v is None for v in kwargs.values()):
-        return None
+            bad.append(key_path)
     return cls(**kwargs)
 
 

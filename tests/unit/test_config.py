@@ -115,6 +115,25 @@ def test_rules_across_keys(tmp_path: Path) -> None:
     ]
 
 
+def test_one_check_lists_bad_values_and_rules_across_keys_together() -> None:
+    """An installer passing a bad device id and a bad URL hears of both at once."""
+    with pytest.raises(ConfigError) as info:
+        validate({"device": {"id": "my mic"},
+                  "stt": {"enabled": True, "url": "stt.example", "max_chunk_seconds": "long",
+                          "min_chunk_seconds": 20},
+                  "api": {"enabled": True, "listen": "0.0.0.0:8640"}})
+    assert info.value.problems == [
+        "device.id: expected a string of letters, digits, '.', '_' or '-' (at most 64), "
+        'got "my mic"',
+        'stt.max_chunk_seconds: expected a number, got "long"',
+        # min_chunk_seconds > max_chunk_seconds is not judged against the default of
+        # the bad max_chunk_seconds.
+        'stt.url: expected an http:// or https:// URL, got "stt.example"',
+        'api.token_file: expected a token file when api.listen ("0.0.0.0:8640") is not a '
+        "loopback address: without one anybody on the network could listen to the mic",
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
