@@ -43,6 +43,8 @@ __all__ = [
     "assign",
     "default_config",
     "dump",
+    "is_loopback",
+    "listen_host",
     "load_config",
     "parse_assignment",
     "read_toml",
@@ -168,6 +170,9 @@ class ApiConfig(_Section):
     # One bearer token on one line. Empty (loopback only): a random token is
     # created in <data_dir>/api-token, mode 0600, on first start.
     token_file: str = ""
+    # Announce the device on the local network (mDNS/DNS-SD, `edge-agent discover`);
+    # only when listen is beyond loopback.
+    advertise: bool = True
     # Longest time range one /v1/audio request may ask for.
     max_range_seconds: PositiveSeconds = 3600.0
     # /v1/audio requests converted at once; more wait in a queue of at most
@@ -387,9 +392,14 @@ def check_stt_config(cfg: SttConfig) -> list[str]:
     return problems
 
 
+def listen_host(listen: str) -> str:
+    """The host of ``HOST:PORT`` (an IPv6 address without its brackets)."""
+    return listen.rpartition(":")[0].strip("[]")
+
+
 def is_loopback(listen: str) -> bool:
     """Whether ``HOST:PORT`` binds only the loopback interface."""
-    host = listen.rpartition(":")[0].strip("[]")
+    host = listen_host(listen)
     if host == "localhost":
         return True
     try:
