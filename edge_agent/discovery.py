@@ -85,10 +85,10 @@ _CLOSE_SECONDS: Final = 2.0
 _RESOLVE_MS: Final = 1000
 # Failures of the network or of zeroconf: logged and retried, the agent goes on.
 _NETWORK_ERRORS: Final = (OSError, RuntimeError, ZeroconfError)
-_WILDCARDS: Final = frozenset({"0.0.0.0", "::"})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+AdvertiseState = Literal["advertising", "waiting", "off", "failing"]
 
 
 class DiscoveryError(EdgeAgentError):
@@ -206,7 +206,7 @@ class Device(msgspec.Struct, frozen=True):
 
     device: str  # the device id (TXT ``id``)
     url: str  # where its API and page start
-    address: str  # HOST:PORT of the API, IPv4 first
+    address: str  # HOST:PORT of the API: the address this machine reaches directly
     addresses: list[str]
     port: int
     version: str
@@ -229,7 +229,8 @@ def device_from_info(info: ServiceInfo,
     ips = sorted({ipaddress.ip_address(a) for a in info.parsed_addresses()}, key=preference)
     if not ips or not info.port:
         return None
-    props = info.decoded_properties
+    props = {key.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+             for key, value in info.properties.items() if value is not None}
     first = ips[0]
     address = f"[{first}]:{info.port}" if first.version == 6 else f"{first}:{info.port}"
     path = props.get("path") or API_PATH
@@ -242,9 +243,9 @@ def device_from_info(info: ServiceInfo,
     )
 
 
-def _open(interfaces: InterfaceChoice | list[str]) -> Zeroconf:
+def _open() -> Zeroconf:
     try:
-        return Zeroconf(interfaces=interfaces)
+        return Zeroconf(interfaces=InterfaceChoice.All)
     except RuntimeError:  # zeroconf's "No interfaces to listen on"
         raise DiscoveryError("no network interface with an IPv4 address to ask on "
                              "(is the network up?)") from None
@@ -264,7 +265,7 @@ def browse(seconds: float) -> list[Device]:
     Raises:
         DiscoveryError: mDNS cannot be used on this machine now.
     """
-    zc = _open(InterfaceChoice.All)
+    zc = _open()
     try:
         names: set[str] = set()
         lock = threading.Lock()
@@ -306,7 +307,7 @@ def browse(seconds: float) -> list[Device]:
 class AdvertiseStats:
     """The announcement, as ``/v1/status`` shows it under ``discovery``."""
 
-    state: Literal["advertising", "waiting", "off", "failing"] = "waiting"
+    state: AdvertiseState = "waiting"
     detail: str = ""
     name: str | None = None  # the instance announced
     addresses: list[str] = field(default_factory=list)
@@ -393,7 +394,8 @@ class Advertiser:
             self._show("failing", f"{type(exc).__name__}: {exc}")
 
     async def _register(self, wanted: Announcement) -> None:
-        zc = await self._runner.run(partial(Zeroconf, interfaces=list(wanted.interfaces)))
+        with trio.CancelScope(shield=True):  # quick (no network wait), and never lost
+            zc = await self._runner.run(partial(Zeroconf, interfaces=list(wanted.interfaces)))
         self._zc = zc
         info = service_info(self.device_id, wanted, agent_version())
         asked = info.name
@@ -425,8 +427,7 @@ class Advertiser:
         if was is not None:
             log.info("stopped advertising on the network")
 
-    def _show(self, state: Literal["advertising", "waiting", "off", "failing"],
-              detail: str) -> None:
+    def _show(self, state: AdvertiseState, detail: str) -> None:
         """Record the state; log it when it changes."""
         st = self.stats
         if (st.state, st.detail) == (state, detail):
