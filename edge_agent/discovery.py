@@ -346,8 +346,9 @@ class Advertiser:
         self._wake = trio.Event()
 
     def reconfigure(self, new: ApiConfig) -> None:
-        """Apply a reloaded ``[api]`` section: ``advertise`` takes effect at once."""
-        self.config = new
+        """Apply a reloaded ``[api]`` section: ``advertise`` takes effect at once.
+        ``listen`` stays as it was: the API's socket stays bound there until a restart."""
+        self.config = msgspec.structs.replace(new, listen=self.config.listen)
         self._wake.set()
 
     async def run(self, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

@@ -68,6 +68,7 @@ def agent_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
 
+
 #: Segment ids: UTC start to the millisecond plus 8 random hex digits, e.g.
 #: ``20261124T053000.000Z-3f9a1c2b``. Safe in URLs and file names; sorting them sorts
 #: by start time, and the suffix keeps ids unique across clock steps and restarts.
