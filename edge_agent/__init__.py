@@ -6,8 +6,6 @@ uploader and the device API read it. The public surface is what is listed here.
 The package root only re-exports; no module of the package imports it.
 """
 
-import importlib.metadata as _metadata
-
 from .agent import Agent
 from .audio.pcm import SampleFormat
 from .capture import Block, CaptureError, FileSource, SoundDeviceSource, ToneSource
@@ -18,11 +16,9 @@ from .ring import AudioRing, EvictedError, RingReader
 from .store import HttpStore, KeyBuilder, LocalStore, Store, StoreError
 from .stt import SttStats, SttStreamer, Transcript, read_transcripts
 from .supervisor import Backoff, Supervisor
+from .wire import agent_version as _agent_version
 
-try:
-    __version__ = _metadata.version("edge-agent")
-except _metadata.PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0"
+__version__ = _agent_version()
 
 __all__ = [
     "Agent",

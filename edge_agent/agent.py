@@ -29,7 +29,8 @@ from .api import DeviceApi
 from .blocking import ThreadRunner
 from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
-from .config import AgentConfig, ConfigError, config_warnings, load_config
+from .config import AgentConfig, ConfigError, config_warnings, is_loopback, load_config
+from .discovery import Advertiser
 from .metrics import AgentParts, agent_status, component_health, make_registry
 from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
@@ -146,6 +147,15 @@ class Agent:
                 routes=recording_routes(lambda: self.recordings),  # the recordings stage owns these
             )
             self._tasks.append(("api", self.api.run))
+        # Announced on the local network (mDNS) once the API serves beyond loopback;
+        # api.advertise turns it off, on reload too.
+        self.advertiser: Advertiser | None = None
+        if self.api is not None and not is_loopback(config.api.listen):
+            api = self.api
+            self.advertiser = Advertiser(config.api, device_id=config.device.id,
+                                         api_url=lambda: api.url)
+            self.parts.advertiser = self.advertiser
+            self._tasks.append(("discovery", self.advertiser.run))
 
     def add_task(self, name: str, fn: TaskFn) -> None:
         """Register a long-lived stage; call before `run`."""
@@ -213,6 +223,8 @@ class Agent:
                 _reconfigure("stt", self.stt.reconfigure, new.stt)
         if self.api is not None and old.api != new.api:
             _reconfigure("api", self.api.reconfigure, new.api)
+        if self.advertiser is not None and old.api != new.api:
+            _reconfigure("api", self.advertiser.reconfigure, new.api)
 
     def _read_transcripts(self, since: float | None, until: float | None,
                           limit: int) -> list[Transcript]:

@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument("--data-dir", required=True, type=Path,
                          help="where received segments are stored")
 
+    disc = sub.add_parser("discover", help="list the edge-agent devices on the local network "
+                          "(mDNS)")
+    disc.add_argument("--seconds", type=float, default=3.0,
+                      help="how long to wait for answers (default: 3)")
+    disc.add_argument("--json", action="store_true", help="print JSON, for scripts")
+
     cfg = sub.add_parser("config", help="create, check, show or edit a config file")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     init = csub.add_parser("init", help="write a complete default config")
@@ -117,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _backend(args.listen, args.data_dir)
         if args.command == "demo":
             return _demo(args.data_dir, fast=args.fast, serve=args.serve)
+        if args.command == "discover":
+            return _discover(args.seconds, as_json=args.json)
     except cfgmod.ConfigError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
@@ -236,6 +244,29 @@ def _backend(listen: str, data_dir: Path) -> int:
     except OSError as exc:
         raise _Fail(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
     return 0
+
+
+def _discover(seconds: float, *, as_json: bool) -> int:
+    from .discovery import DiscoveryError, browse
+
+    if not 0 < seconds <= 600:
+        raise _Fail(f"--seconds {seconds:g}: expected a number of seconds above 0, "
+                    "at most 600")
+    try:
+        devices = browse(seconds)
+    except DiscoveryError as exc:
+        raise _Fail(f"discover: {exc}") from None
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(devices)).decode())
+    elif not devices:
+        print(f"no edge-agent device answered within {seconds:g} s", file=sys.stderr)
+    else:
+        rows = [("device", "address", "version", "url")]
+        rows += [(d.device, d.address, d.version, d.url) for d in devices]
+        w = [max(len(row[i]) for row in rows) for i in range(3)]
+        for device, address, version, url in rows:
+            print(f"{device:<{w[0]}}  {address:<{w[1]}}  {version:<{w[2]}}  {url}")
+    return 0 if devices else 1
 
 
 def _demo(data_dir: Path | None, *, fast: bool, serve: float | None = None) -> int:

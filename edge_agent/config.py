@@ -43,6 +43,8 @@ __all__ = [
     "SttConfig",
     "UploadConfig",
     "default_config",
+    "is_loopback",
+    "listen_host",
     "load_config",
     "parse_toml",
     "read_config_text",
@@ -223,6 +225,9 @@ class ApiConfig(_Section):
     ))] = "127.0.0.1:8640"
     token_file: Annotated[str, Meta(description=(
         "Bearer token file (a path; empty, on loopback: a random one in data_dir/api-token)"))] = ""
+    advertise: Annotated[bool, Meta(description=(
+        "Announce the device over mDNS (edge-agent discover) when listen is beyond loopback"
+    ))] = True
     max_range_seconds: Annotated[PositiveSeconds, Meta(description=(
         "Longest time range one /v1/audio request may ask for (seconds)"))] = 3600.0
     max_audio_encodes: Annotated[int, Meta(ge=1, le=64, description=(
@@ -456,9 +461,14 @@ def check_stt_config(cfg: SttConfig) -> list[str]:
     return problems
 
 
+def listen_host(listen: str) -> str:
+    """The host of ``HOST:PORT`` (an IPv6 address without its brackets)."""
+    return listen.rpartition(":")[0].strip("[]")
+
+
 def is_loopback(listen: str) -> bool:
     """Whether ``HOST:PORT`` binds only the loopback interface."""
-    host = listen.rpartition(":")[0].strip("[]")
+    host = listen_host(listen)
     if host == "localhost":
         return True
     try:

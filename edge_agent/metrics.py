@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .capture import Source
     from .clock import Clock
     from .config import AgentConfig
+    from .discovery import Advertiser
     from .ring import AudioRing
     from .spool import Segmenter, Spool
     from .stt import SttStreamer
@@ -84,6 +85,7 @@ class AgentParts:
     segmenter: Segmenter | None = None
     uploader: Uploader | None = None
     stt: SttStreamer | None = None
+    advertiser: Advertiser | None = None
 
     def degraded(self) -> dict[str, str]:
         """Components that are not healthy now, with the reason (empty when ok)."""
@@ -254,7 +256,8 @@ def _config_summary(parts: AgentParts) -> dict[str, Any]:
 
 def agent_status(parts: AgentParts) -> dict[str, Any]:
     """The agent's sections of ``/v1/status``: ``config`` (summary), ``capture``,
-    ``tasks``, ``stt``, ``spool``, ``segmenter``, ``upload`` and ``disk``."""
+    ``tasks``, ``stt``, ``spool``, ``segmenter``, ``upload``, ``disk`` and ``discovery``
+    (the network announcement; None when the API is not announced)."""
     ring = parts.ring
     return {
         "config": _config_summary(parts),
@@ -267,6 +270,7 @@ def agent_status(parts: AgentParts) -> dict[str, Any]:
         "segmenter": parts.segmenter.stats if parts.segmenter is not None else None,
         "upload": parts.uploader.stats if parts.uploader is not None else None,
         "disk": {"free_bytes": disk_free_bytes(parts.data_dir)},
+        "discovery": parts.advertiser.stats if parts.advertiser is not None else None,
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import importlib.metadata
 import re
 import secrets
 import string
@@ -41,6 +42,7 @@ __all__ = [
     "SegmentMeta",
     "SegmentState",
     "Verdict",
+    "agent_version",
     "check_url_template",
     "content_digest",
     "idempotent_put_headers",
@@ -56,6 +58,16 @@ __all__ = [
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 _META_VERSION: Final = 1
+
+
+def agent_version() -> str:
+    """The installed edge-agent's version, as a device reports it (``/v1/status``,
+    the network announcement); "0.0.0" when run from a source tree never installed."""
+    try:
+        return importlib.metadata.version("edge-agent")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
 
 #: Segment ids: UTC start to the millisecond plus 8 random hex digits, e.g.
 #: ``20261124T053000.000Z-3f9a1c2b``. Safe in URLs and file names; sorting them sorts

@@ -14,7 +14,6 @@ API's own modules; never agent, another stage, metrics or systemd.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from ..config import ApiConfig, ConfigError
 from ..http import serve
 from ..ring import AudioRing
 from ..supervisor import TaskStatus
-from ..wire import SegmentMeta, SegmentState, is_segment_id
+from ..wire import SegmentMeta, SegmentState, agent_version, is_segment_id
 from .auth import check_bearer, load_token
 from .conditional import decide_range
 from .counters import ApiCollector, ApiStats
@@ -70,13 +69,6 @@ log = logging.getLogger(__package__)  # one logger for the whole API
 _FILE_CHUNK = 64 * 1024
 #: The largest request head (request line and headers) the API reads.
 MAX_HEAD_BYTES = 16 * 1024
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("edge-agent")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 def _overall(health: dict[str, ComponentState]) -> str:
@@ -317,7 +309,7 @@ class DeviceApi:
         cfg = self.config
         body: dict[str, Any] = {
             "device": self.device_id,
-            "version": _version(),
+            "version": agent_version(),
             "time": iso_utc(self.clock.utc()),
             "clock_synced": self.clock.synced(),
             "uptime_seconds": round(uptime, 3),
@@ -344,7 +336,7 @@ class DeviceApi:
                             for r in ring.readers()],
             },
             **{key: agent[key] for key in ("capture", "tasks", "stt", "spool", "segmenter",
-                                           "upload", "disk")},
+                                           "upload", "disk", "discovery")},
             "api": self.stats,
         }
         return json_response(body)
