@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["EdgeAgentError", "StartupError", "describe", "innermost"]
+__all__ = ["EdgeAgentError", "StartupError", "describe", "innermost", "ungrouped"]
 
 # Where the C library's wording does not say what a person should check.
 _OS_CAUSES = {
@@ -46,23 +46,27 @@ class StartupError(EdgeAgentError):
         return cls(setting, value, cause[:1].lower() + cause[1:])
 
 
-def innermost(exc: BaseException) -> BaseException:
-    """The exception that says what went wrong, inside the ones that wrap it.
+def ungrouped(exc: BaseException) -> BaseException:
+    """The exception inside exception groups (the Trio nursery's): of each group its
+    first `Exception`, since a group also holding a `Cancelled` failed for the other
+    reason. Its own traceback and ``__cause__`` chain are what a log should show."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        members = exc.exceptions
+        exc = next((e for e in members if isinstance(e, Exception)), members[0])
+    return exc
 
-    Goes into an exception group (its first `Exception`: a group also holding a
-    `Cancelled` failed for the other reason) and down ``__cause__``, and stops at
-    an `EdgeAgentError`, whose message was written for a person.
-    """
-    seen: set[int] = set()
-    while id(exc) not in seen:
+
+def innermost(exc: BaseException) -> BaseException:
+    """The exception that says what went wrong, inside the ones that wrap it: out
+    of exception groups (`ungrouped`) and down ``__cause__``, stopping at an
+    `EdgeAgentError`, whose message was written for a person."""
+    exc = ungrouped(exc)
+    seen = {id(exc)}
+    while not isinstance(exc, EdgeAgentError) and exc.__cause__ is not None:
+        exc = ungrouped(exc.__cause__)
+        if id(exc) in seen:
+            break
         seen.add(id(exc))
-        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            members = exc.exceptions
-            exc = next((e for e in members if isinstance(e, Exception)), members[0])
-        elif isinstance(exc, EdgeAgentError) or exc.__cause__ is None:
-            return exc
-        else:
-            exc = exc.__cause__
     return exc
 
 

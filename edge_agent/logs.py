@@ -28,7 +28,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, ClassVar, TextIO
+from collections.abc import Mapping
+from typing import ClassVar, TextIO
 
 from .errors import describe
 
@@ -43,7 +44,7 @@ _CONVERSION = re.compile(
     r"(?P<key>\b[\w.-]+=)?%(?P<spec>\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?"
     r"(?P<type>[diouxXeEfFgGcrsa%])")
 # A value is written bare when it is one word that cannot be misread.
-_BARE = re.compile(r'[^\s"=\\]+')
+_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
 
 
 def quote(value: str) -> str:
@@ -52,6 +53,7 @@ def quote(value: str) -> str:
 
 
 def _field_text(value: object, conversion: str) -> str:
+    """The text of a field's value before quoting; a string is itself, even for %r."""
     if isinstance(value, BaseException):
         return describe(value)
     if conversion in "ra" and not isinstance(value, str):
@@ -100,8 +102,8 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = render_message(record)
-        text = f"{self.head(record)}level={record.levelname} logger={record.name} " \
-               f"{record.message}"
+        text = (f"{self.head(record)}level={record.levelname} logger={record.name} "
+                f"{record.message}")
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -139,11 +141,11 @@ class JournalFormatter(KeyValueFormatter):
         return self.PRIORITIES[logging.DEBUG]
 
 
-def writes_to_journal(stream: TextIO, environ: Any = os.environ) -> bool:
+def writes_to_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether `stream` is the journal stream systemd connected: ``JOURNAL_STREAM``
     names its device and inode (a child whose stderr was redirected inherits the
     variable, so the variable alone is not enough)."""
-    dev, _, ino = str(environ.get("JOURNAL_STREAM", "")).partition(":")
+    dev, _, ino = environ.get("JOURNAL_STREAM", "").partition(":")
     if not (dev.isdigit() and ino.isdigit()):
         return False
     try:

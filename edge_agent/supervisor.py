@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import trio
 
-from .errors import describe, innermost
+from .errors import describe, innermost, ungrouped
 
 __all__ = ["Backoff", "Supervisor", "TaskHealth", "TaskStatus"]
 
@@ -195,14 +195,15 @@ class Supervisor:
                 health.state = "backoff"
                 health.next_start_at = now + delay
                 first_attempt_over.set()
-                where = _raised_at(cause)
+                failure = ungrouped(exc)  # its traceback, without the group around it
+                where = _raised_at(failure)
                 show = not isinstance(cause, self.routine) and where != shown
                 if show:
                     shown = where
                 log.warning(
                     "task failed task=%s error=%s failures=%d restart_in=%.2fs",
                     health.name, health.last_error, health.failures, delay,
-                    exc_info=cause if show else None,
+                    exc_info=failure if show else None,
                 )
                 await trio.sleep(delay)
             else:
