@@ -60,13 +60,14 @@ def stop(proc: subprocess.Popen[bytes], read_end: int) -> str:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
-        return _drain(read_end)
+        return drain(read_end)
     finally:
         proc.kill()
         os.close(read_end)
 
 
-def _drain(fd: int) -> str:
+def drain(fd: int) -> str:
+    """Everything left in the pipe `fd`, once its writer has exited."""
     out = b""
     while chunk := os.read(fd, 65536):
         out += chunk
