@@ -7,6 +7,10 @@ restarted with backoff while the others go on. SIGTERM/SIGINT stop the run;
 stages that must finish something (sealing a segment) do it in a shielded
 scope with its own deadline, so shutdown is bounded.
 
+A start-up failure a person must fix (a data dir the agent may not write, an
+``api.listen`` port in use) ends the run with `StartupError`, one line naming
+the config key; the same failure later, when a task restarts, is retried.
+
 The composition root, just below ``cli``, ``demo`` and ``recorder``: it may
 import every stage, ``metrics`` and ``systemd``; none of them imports it.
 """
@@ -31,6 +35,8 @@ from .capture import CaptureError, Source, make_source, run_capture
 from .clock import Clock, SystemClock
 from .config import AgentConfig, ConfigError, config_warnings, is_loopback, load_config
 from .discovery import Advertiser
+from .errors import StartupError
+from .fs import make_writable_dir
 from .metrics import AgentParts, agent_status, component_health, make_registry
 from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
@@ -67,6 +73,10 @@ class Agent:
 
     Later stages register with `add_task` before `run`; they are started in the
     order added, each after the previous one reported ready.
+
+    Raises:
+        StartupError: ``device.data_dir`` cannot be created or written.
+        ConfigError: a section cannot be used (a token file, an input file).
     """
 
     def __init__(
@@ -90,9 +100,14 @@ class Agent:
         self.ring = AudioRing(
             rate=cap.rate, channels=cap.channels, dtype=cap.format, seconds=config.ring.seconds
         )
-        self.source: Source = source or make_source(cap, self.clock, demand=self.ring)
-        self.supervisor = Supervisor(backoff, routine=(OSError, CaptureError, ConfigError))
         self.data_dir = Path(config.device.data_dir)
+        try:
+            make_writable_dir(self.data_dir)
+        except OSError as exc:
+            raise StartupError.from_os_error("device.data_dir", self.data_dir, exc) from exc
+        self.source: Source = source or make_source(cap, self.clock, demand=self.ring)
+        self.supervisor = Supervisor(backoff, routine=(OSError, CaptureError, ConfigError,
+                                                       StartupError), give_up=(StartupError,))
         self.capture_finished = trio.Event()
         self.ready = trio.Event()
         self._tasks: list[tuple[str, TaskFn]] = [
@@ -246,8 +261,12 @@ class Agent:
 
         `systemd=False` never talks to systemd, even under NOTIFY_SOCKET: an agent
         embedded in another program (`recorder.AudioRecorder`) is not the service.
+
+        Raises:
+            StartupError: a stage cannot start until a person fixes a setting; the
+                stages already started are stopped first.
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        failed: StartupError | None = None
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
             if handle_signals:
@@ -256,14 +275,21 @@ class Agent:
             notifier = Notifier.from_environment() if systemd else None
             if notifier is not None:  # started by systemd
                 nursery.start_soon(self._notify_systemd, notifier)
-            for name, fn in self._tasks:
-                await self.supervisor.start(nursery, name, fn)
-            for warning in config_warnings(self.config):
-                log.warning("config %s", warning)
-            log.info("agent ready device=%s tasks=%s", self.config.device.id,
-                     ",".join(n for n, _ in self._tasks))
-            self.ready.set()
-            task_status.started()
+            try:
+                for name, fn in self._tasks:
+                    await self.supervisor.start(nursery, name, fn)
+            except StartupError as exc:
+                failed = exc
+                nursery.cancel_scope.cancel()
+            else:
+                for warning in config_warnings(self.config):
+                    log.warning("config %s", warning)
+                log.info("agent ready device=%s tasks=%s", self.config.device.id,
+                         ",".join(n for n, _ in self._tasks))
+                self.ready.set()
+                task_status.started()
+        if failed is not None:
+            raise failed
         await self._final_upload()
         log.info("agent stopped device=%s", self.config.device.id)
 

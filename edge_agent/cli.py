@@ -22,7 +22,9 @@ import trio
 
 from . import config as cfgmod
 from .capture import CaptureError, list_input_devices
-from .fs import write_atomic
+from .errors import StartupError
+from .fs import make_writable_dir, write_atomic
+from .logs import print_error, setup_logging
 
 __all__ = ["main"]
 
@@ -37,15 +39,6 @@ class _Fail(Exception):
     def __init__(self, *lines: str) -> None:
         super().__init__("\n".join(lines))
         self.lines = lines
-
-
-def setup_logging(level: str) -> None:
-    """One line per event, key=value fields, to stderr (journald keeps the time)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _discover(args.seconds, as_json=args.json)
     except cfgmod.ConfigError as exc:
         for line in exc.problems:
-            print(f"error: {line}", file=sys.stderr)
+            print_error(line)
         return EXIT_USAGE
-    except (_Fail, CaptureError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (_Fail, CaptureError, StartupError) as exc:
+        print_error(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -240,9 +233,10 @@ def _backend(listen: str, data_dir: Path) -> int:
     if not host or not port.isdigit() or int(port) > 65535:
         raise _Fail(f"--listen {listen}: expected HOST:PORT, such as 127.0.0.1:8650")
     try:
-        trio.run(lambda: run_backend(Backend(data_dir), listen))
+        make_writable_dir(data_dir)
     except OSError as exc:
-        raise _Fail(f"--listen {listen}: cannot listen ({exc.strerror or exc})") from None
+        raise StartupError.from_os_error("--data-dir", data_dir, exc) from exc
+    trio.run(lambda: run_backend(Backend(data_dir), listen, setting="--listen"))
     return 0
 
 

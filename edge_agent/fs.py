@@ -5,6 +5,7 @@ subclass can fail or "kill the process" at any single call. `write_atomic` is th
 one way edge-agent replaces a small file durably (config edits, backend metadata,
 tokens): write a temporary file beside it, fsync, rename, fsync the directory, so
 a reader or a power cut sees the old file or the new one, never a mix.
+`make_writable_dir` checks a data directory at start, before anything relies on it.
 
 Imports nothing of the project but `errors`.
 """
@@ -18,11 +19,12 @@ import mmap
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Final
 
-__all__ = ["FileOps", "fsync_dir", "sync_file", "write_atomic"]
+__all__ = ["FileOps", "fsync_dir", "make_writable_dir", "sync_file", "write_atomic"]
 
 _HASH_CHUNK: Final = 1 << 20
 
@@ -40,6 +42,18 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *,
                  mode: int | None = None, replace: bool = True) -> None:
     """Replace ``path`` with ``data`` durably and atomically (`FileOps.write_atomic`)."""
     FileOps().write_atomic(Path(path), data, mode=mode, replace=replace)
+
+
+def make_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Create directory ``path`` (and its parents) if needed and make sure files can
+    be created in it; OSError (permission denied, read-only file system) if not.
+
+    The check creates an unnamed temporary file, so it needs no cleanup and holds
+    for the user the process runs as, whatever the mode bits say.
+    """
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 def sync_file(f: IO[bytes]) -> None:

@@ -25,7 +25,11 @@ Here an upgrade request is served over HTTP/1.1 (RFC 9110 lets a server ignore
 ``Upgrade``), and the preface reaches the app as an ``HTTP/2.0`` request, for the
 app to refuse (the API answers 505).
 
-Imports only ``supervisor``; the ``api`` stage and the reference backend use it.
+A server that cannot listen (the port is in use, the address is not this
+host's) raises `StartupError` naming the setting the address came from.
+
+Imports only ``supervisor`` and ``errors``; the ``api`` stage and the reference
+backend use it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from .errors import StartupError
 from .supervisor import TaskStatus
 
 __all__ = ["ConnectionStats", "error_body", "hypercorn_config", "serve"]
@@ -205,13 +210,17 @@ async def serve(
     app: Any, bind: str, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
     write_timeout: float | None = None, max_connections: int | None = None,
     reserve: int = 8, reserve_paths: Iterable[str] = ("/healthz", "/metrics"),
-    stats: ConnectionStats | None = None, **options: Any
+    stats: ConnectionStats | None = None, setting: str = "listen", **options: Any
 ) -> None:
     """Serve `app` until cancelled; reports the base URL (e.g. "http://127.0.0.1:40123").
 
     `write_timeout` (seconds): drop a connection whose client takes no data for
     that long (Linux; elsewhere it is ignored). `max_connections`: connections
     served at once (None: no cap), plus `reserve` more for `reserve_paths` only.
+
+    Raises:
+        StartupError: `bind` cannot be listened on; it names `setting` (the
+            config key or flag `bind` came from, e.g. ``api.listen``).
     """
     cfg = hypercorn_config(bind, **options)
     stats = stats if stats is not None else ConnectionStats()
@@ -220,13 +229,19 @@ async def serve(
     cap = math.inf if max_connections is None else max_connections
     # Bound here, not by Hypercorn, to set the option before any connection is
     # accepted, and closed here whenever serving ends (even during startup).
-    sockets = cfg.create_sockets()
+    try:
+        sockets = cfg.create_sockets()
+    except OSError as exc:
+        raise StartupError.from_os_error(setting, bind, exc) from exc
     try:
         option = getattr(socket, "TCP_USER_TIMEOUT", None)
         for sock in sockets.insecure_sockets:
             if write_timeout is not None and option is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(write_timeout * 1000)))
-            sock.listen(cfg.backlog)
+            try:
+                sock.listen(cfg.backlog)
+            except OSError as exc:
+                raise StartupError.from_os_error(setting, bind, exc) from exc
 
         async def connection(socket_stream: trio.SocketStream, asgi_app: Any,
                              lifetime: float) -> None:

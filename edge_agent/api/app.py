@@ -158,11 +158,13 @@ class DeviceApi:
     # -- serving -------------------------------------------------------------
 
     async def run(self, task_status: TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; reports the bound base URL."""
+        """Serve until cancelled; reports the bound base URL. `StartupError` when
+        ``api.listen`` cannot be listened on."""
         self._started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(
-                serve, self, self.config.listen, h11_max_incomplete_size=MAX_HEAD_BYTES,
+                serve, self, self.config.listen, setting="api.listen",
+                h11_max_incomplete_size=MAX_HEAD_BYTES,
                 max_connections=self.config.max_connections, stats=self.stats.connections,
                 keep_alive_timeout=self.config.request_timeout_seconds,
                 write_timeout=self.config.request_timeout_seconds))

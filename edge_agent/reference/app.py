@@ -71,10 +71,11 @@ class _LogStarted:
 
 async def run_backend(
     backend: Backend, bind: str = "127.0.0.1:0", *,
-    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus = trio.TASK_STATUS_IGNORED, setting: str = "listen",
 ) -> None:
     """Serve the reference backend on `bind` ("HOST:PORT") until cancelled;
-    reports its base URL. OSError when it cannot listen there."""
+    reports its base URL. `StartupError` naming `setting` (where `bind` came
+    from) when it cannot listen there."""
     backend.data_dir.mkdir(parents=True, exist_ok=True)
     host, _, port = bind.rpartition(":")
     if not host or not port.isdigit():
@@ -82,5 +83,5 @@ async def run_backend(
     # Hypercorn's own "Running on" lines are left out: only its warnings.
     quiet = logging.getLogger("edge_agent.reference.app.hypercorn")
     quiet.setLevel(logging.WARNING)
-    await serve(build_app(backend), bind, errorlog=quiet,
+    await serve(build_app(backend), bind, errorlog=quiet, setting=setting,
                 task_status=_LogStarted(task_status, backend.data_dir))

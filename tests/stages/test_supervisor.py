@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 import trio
 import trio.testing
 
+from edge_agent.errors import StartupError
 from edge_agent.supervisor import Backoff, Supervisor, TaskStatus
 
 
@@ -155,3 +157,99 @@ async def test_cancellation_is_not_treated_as_a_failure(
         nursery.cancel_scope.cancel()
     assert health.failures == 0
     assert task.starts == [0.0]
+
+
+def port_taken() -> StartupError:
+    return StartupError("api.listen", "127.0.0.1:8640", "address already in use")
+
+
+async def in_a_nursery(error: Exception) -> None:
+    """Fail the way a stage serving from its own nursery does: inside a group."""
+
+    async def fail() -> None:
+        raise error
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fail)
+
+
+async def test_a_failure_is_named_by_its_cause_and_its_traceback_logged_once(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    sup = Supervisor(Backoff(initial=1.0, maximum=1.0, jitter=0.0))
+    failures = ["lookup", "lookup", "lookup", "wrapped"]
+
+    async def buggy(task_status: TaskStatus) -> None:
+        if not failures:
+            await trio.sleep_forever()
+        if failures.pop(0) == "lookup":
+            await in_a_nursery(KeyError("segment"))
+        try:
+            raise RuntimeError("the cause")
+        except RuntimeError as exc:
+            raise ValueError("bad block") from exc
+
+    with caplog.at_level(logging.WARNING, logger="edge_agent.supervisor"):
+        async with trio.open_nursery() as nursery:
+            health = await sup.start(nursery, "segmenter", buggy)
+            assert health.last_error == "KeyError: 'segment'"
+            assert sup.degraded() == {"segmenter": "backoff: KeyError: 'segment'"}
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+    lines = [r for r in caplog.records if r.name == "edge_agent.supervisor"]
+    assert [r.getMessage().split(" failures=")[0] for r in lines] == [
+        "task failed task=segmenter error=KeyError: 'segment'"] * 3 + [
+        "task failed task=segmenter error=RuntimeError: the cause"]
+    # A traceback the first time; the same failure again is one line; a new one
+    # gets its traceback.
+    assert [r.exc_info is not None for r in lines] == [True, False, False, True]
+    # The traceback is the failure's own, its chain of causes included; never the
+    # text of the group around it.
+    assert "ValueError: bad block" in caplog.text and "RuntimeError: the cause" in caplog.text
+    assert "ExceptionGroup" not in caplog.text
+
+
+async def test_a_first_attempt_a_person_must_fix_is_not_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    sup = Supervisor(give_up=(StartupError,))
+    starts: list[float] = []
+
+    async def serve(task_status: TaskStatus) -> None:
+        starts.append(trio.current_time())
+        await in_a_nursery(port_taken())
+
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(StartupError) as raised:
+            await sup.start(nursery, "api", serve)
+        await trio.sleep(600)
+    assert str(raised.value) == "api.listen 127.0.0.1:8640: address already in use"
+    assert starts == [0.0]
+    assert sup.degraded() == {
+        "api": "failed: StartupError: api.listen 127.0.0.1:8640: address already in use"}
+
+
+async def test_the_same_failure_after_a_good_start_is_retried_a_line_each(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    sup = Supervisor(Backoff(initial=1.0, maximum=1.0, jitter=0.0),
+                     routine=(StartupError,), give_up=(StartupError,))
+    starts: list[float] = []
+
+    async def serve(task_status: TaskStatus) -> None:
+        starts.append(trio.current_time())
+        if len(starts) == 1:
+            task_status.started()
+            await trio.sleep(5)  # the port was taken while it restarted
+        await in_a_nursery(port_taken())
+
+    with caplog.at_level(logging.WARNING, logger="edge_agent.supervisor"):
+        async with trio.open_nursery() as nursery:
+            await sup.start(nursery, "api", serve)
+            await trio.sleep(7.5)
+            nursery.cancel_scope.cancel()
+    assert starts == [0.0, 6.0, 7.0]
+    lines = [r for r in caplog.records if r.name == "edge_agent.supervisor"]
+    assert [r.exc_info for r in lines] == [None] * 3
+    assert all("error=StartupError: api.listen 127.0.0.1:8640: address already in use "
+               in r.getMessage() for r in lines)

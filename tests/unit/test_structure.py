@@ -68,6 +68,7 @@ ONE_HOME = {
     r"\bOgg(Opus|Flac)Encoder\(": {"audio/encoders.py"},
     r"\bwav_header\(": {"audio/encoders.py", "audio/pcm.py"},
     r"\.read_text\(": {"config.py"},
+    r"\blogging\.basicConfig\(": {"logs.py"},
 }
 
 
