@@ -21,6 +21,7 @@ import inspect
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -87,8 +88,12 @@ class Agent:
         source: Source | None = None,
         backoff: Backoff | None = None,
         config_path: str | os.PathLike[str] | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.config = config
+        # time.monotonic() when the start began (the command line's first moment):
+        # the ready line says how long start-up took.
+        self.started_at = time.monotonic() if started_at is None else started_at
         # The file SIGHUP re-reads; None: no reload.
         self.config_path = Path(config_path) if config_path is not None else None
         self._on_reload: list[ReloadCallback] = []
@@ -284,8 +289,9 @@ class Agent:
             else:
                 for warning in config_warnings(self.config):
                     log.warning("config %s", warning)
-                log.info("agent ready device=%s tasks=%s", self.config.device.id,
-                         ",".join(n for n, _ in self._tasks))
+                log.info("agent ready device=%s tasks=%s started_in=%.2fs cpu=%.2fs",
+                         self.config.device.id, ",".join(n for n, _ in self._tasks),
+                         time.monotonic() - self.started_at, time.process_time())
                 self.ready.set()
                 task_status.started()
         if failed is not None:

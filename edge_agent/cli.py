@@ -11,26 +11,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import msgspec
-import trio
-
 from . import config as cfgmod
-from .capture import CaptureError, list_input_devices
-from .errors import StartupError
-from .fs import make_writable_dir, write_atomic
+from .errors import CaptureError, StartupError
 from .logs import print_error, setup_logging
+from .wire import agent_version
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-
-log = logging.getLogger("edge_agent")
 
 
 class _Fail(Exception):
@@ -47,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Always-on audio agent: capture, live transcription, durable spool, "
         "device API.",
     )
+    p.add_argument("--version", action="version", version=f"edge-agent {agent_version()}")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: info")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
@@ -111,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "levels":
             return _levels(args.config, args.device, args.seconds)
         if args.command == "run":
-            return _run(args.config)
+            return _run(args.config, started)
         if args.command == "backend":
             return _backend(args.listen, args.data_dir)
         if args.command == "demo":
@@ -131,9 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from . import configfile
-
+    # `check` is what the unit runs before every start: it needs the schema only.
     action = args.config_command
+    if action == "check":
+        checked = cfgmod.load_config(args.path)
+        for line in cfgmod.config_warnings(checked):
+            print(f"warning: {args.path}: {line}", file=sys.stderr)
+        print(f"{args.path}: ok")
+        return 0
+    from . import configfile
+    from .fs import write_atomic
+
     if action == "init":
         text = configfile.render(cfgmod.default_config(), header=configfile.HEADER)
         if args.path is None:
@@ -143,12 +147,6 @@ def _config(args: argparse.Namespace) -> int:
             raise _Fail(f"{args.path}: already exists (use --force to overwrite)")
         write_atomic(args.path, text)
         print(f"wrote {args.path}")
-        return 0
-    if action == "check":
-        checked = cfgmod.load_config(args.path)
-        for line in cfgmod.config_warnings(checked):
-            print(f"warning: {args.path}: {line}", file=sys.stderr)
-        print(f"{args.path}: ok")
         return 0
     if action == "show":
         sys.stdout.write(configfile.render(cfgmod.load_config(args.path)))
@@ -162,6 +160,8 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _devices() -> int:
+    from .capture import list_input_devices
+
     devices = list_input_devices()
     if not devices:
         print("no audio input devices found")
@@ -175,6 +175,9 @@ def _devices() -> int:
 
 
 def _levels(path: Path | None, device: str | None, seconds: float) -> int:
+    import msgspec
+    import trio
+
     from .capture import make_source
     from .capture.levels import GOOD_PEAK_HIGH, GOOD_PEAK_LOW, LevelMeter, run_levels
     from .clock import SystemClock
@@ -216,17 +219,22 @@ def _raise_descriptor_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _run(path: Path) -> int:
+def _run(path: Path, started: float) -> int:
+    import trio
+
     from .agent import Agent
 
     config = cfgmod.load_config(path)
     _raise_descriptor_limit()
-    agent = Agent(config, config_path=path)  # SIGHUP re-reads the file
+    agent = Agent(config, config_path=path, started_at=started)  # SIGHUP re-reads the file
     trio.run(lambda: agent.run(handle_signals=True))
     return 0
 
 
 def _backend(listen: str, data_dir: Path) -> int:
+    import trio
+
+    from .fs import make_writable_dir
     from .reference import Backend, run_backend
 
     host, _, port = listen.rpartition(":")
@@ -241,6 +249,8 @@ def _backend(listen: str, data_dir: Path) -> int:
 
 
 def _discover(seconds: float, *, as_json: bool) -> int:
+    import msgspec
+
     from .discovery import DiscoveryError, browse
 
     if not 0 < seconds <= 600:
@@ -264,6 +274,8 @@ def _discover(seconds: float, *, as_json: bool) -> int:
 
 
 def _demo(data_dir: Path | None, *, fast: bool, serve: float | None = None) -> int:
+    import trio
+
     from .demo import run_demo
 
     if serve is not None and not serve >= 0:

@@ -76,3 +76,11 @@ def describe(exc: BaseException) -> str:
     cause = innermost(exc)
     text = "; ".join(line.strip() for line in str(cause).splitlines() if line.strip())
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+class CaptureError(EdgeAgentError):
+    """Capture cannot go on (device missing, refused settings, device lost).
+
+    The message is one line meant for the person on site. It lives here, not in
+    the capture stage, so the command line can report it without importing capture.
+    """

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from numpy.typing import NDArray
 
 from ..audio.pcm import SampleFormat
-from ..errors import EdgeAgentError
+from ..errors import CaptureError
 
 __all__ = ["Block", "BlockStream", "CaptureError", "Source", "SourceStats"]
 
@@ -48,13 +48,6 @@ class SourceStats:
     opens: int = 0
     # Times the capture timeline jumped to the device's clock (after an overflow).
     timeline_resyncs: int = 0
-
-
-class CaptureError(EdgeAgentError):
-    """Capture cannot go on (device missing, refused settings, device lost).
-
-    The message is one line meant for the person on site.
-    """
 
 
 class Source(Protocol):
