@@ -82,7 +82,7 @@ def test_interleavings_lose_no_block_and_no_wake_up(schedule: list[tuple[Any, ..
                     waiters.append((ring.head + op[1], scope, woke))
                     nursery.start_soon(wait, ring.head + op[1], scope, woke)
                 elif waiters:  # cancel the oldest waiter still waiting
-                    for target, scope, woke in waiters:
+                    for _target, scope, woke in waiters:
                         if not woke and not scope.cancel_called:
                             scope.cancel()
                             break
