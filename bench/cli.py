@@ -47,6 +47,15 @@ from bench.memory import memory_result
 from bench.pi import project_pi
 from bench.plots import write_plots
 from bench.procs import Job, serve_backend
+from bench.realtime import (
+    BLOCKS_MS,
+    make_mono,
+    measure_c_tools,
+    measure_startup,
+    pi_basis,
+    realtime_result,
+    realtime_run,
+)
 from bench.report import print_table, write_report
 from bench.resample import measure_resample
 from bench.ring import measure_ring
@@ -92,6 +101,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     with _work_dir(opts) as work:
         _say(f"work dir {work}; worker logs in {work / 'bench.log'}")
         wav = make_bench_audio(work / "bench-48k-stereo.wav", sizes.audio_file_seconds)
+        if "realtime" in todo:
+            _say(f"the agent at real time, default config: {sizes.realtime_seconds:g} s per "
+                 f"block size {', '.join(map(str, BLOCKS_MS))} ms, against sox + opusenc")
+            mono = make_mono(wav, work / "bench-48k-mono.wav")
+            c_tools = measure_c_tools(mono, work, sizes.opusenc_reps)
+            rt_runs = {block: Job("realtime", {"wav": str(mono), "block_ms": block,
+                                               "seconds": sizes.realtime_seconds},
+                                  work, f"rt-{block}ms", sizes.realtime_seconds + 300)
+                       for block in BLOCKS_MS}
+            runs = {block: job.finish()[0] for block, job in rt_runs.items()}
+            _say("start-up CPU: config check, --help, run to ready")
+            results["realtime"] = realtime_result(
+                runs, c_tools, measure_startup(work, sizes.startup_reps))
         if "cpu" in todo:
             _say("C tools: sox + opusenc on the benchmark audio")
             opus = measure_opusenc(wav, work, sizes.opusenc_reps)
@@ -139,7 +161,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             series["latency"] = {f"{m}_{k.removeprefix('samples_')}": lat[m][k]
                                  for m in ("fixed", "vad")
                                  for k in ("samples_to_request", "samples_to_transcript")}
-        if "cpu" in results:
+        if "realtime" in results:  # a device runs in real time: project from that run
+            results["pi"] = project_pi(pi_basis(results["realtime"]), opts.pi4_ratio,
+                                       opts.pizero_ratio)
+        elif "cpu" in results:
             results["pi"] = project_pi(results["cpu"], opts.pi4_ratio, opts.pizero_ratio)
         if "drain" in todo:
             _say(f"drain: {sizes.drain_segments} sealed segments to the backend")
@@ -165,7 +190,8 @@ def _worker_main(kind: str) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     params = json.loads(sys.stdin.read())
-    runners = {"agent": agent_run, "latency": latency_run, "drain": drain_run}
+    runners = {"agent": agent_run, "latency": latency_run, "drain": drain_run,
+               "realtime": realtime_run}
     result = trio.run(runners[kind], params)
     Path(params["out"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
@@ -199,7 +225,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="measure nothing: regenerate the report and plots from an earlier "
                    "run's results.json")
-    p.add_argument("--worker", choices=["agent", "latency", "drain"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["agent", "latency", "drain", "realtime"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--serve-backend", type=Path, help=argparse.SUPPRESS)
     return p
 

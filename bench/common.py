@@ -86,6 +86,10 @@ RESULT_KEYS: Final[dict[str, tuple[str, ...]]] = {
               "ring_overruns", "lost_frames", "capture_gaps", "capture_late_ms_max",
               "all_synced"),
     "pi": ("assumption", "basis", "boards"),
+    "realtime": ("c_tools_cpu_s_per_audio_hour", "sox_cpu_s_per_audio_hour",
+                 "opusenc_stt_cpu_s_per_audio_hour", "opusenc_segments_cpu_s_per_audio_hour",
+                 "stt_complexity", "segments_complexity", "before", "blocks", "target_ratio",
+                 "ratio_met", "trio_thread_factor", "trio_factor_met", "startup"),
 }
 
 # The capture format of the CPU, memory and drain runs: what the issue specifies.
@@ -149,17 +153,19 @@ class Sizes:
     latency_seconds: float
     drain_segments: int
     drain_segment_seconds: float
+    realtime_seconds: float
+    startup_reps: int
 
 
 FULL = Sizes(audio_file_seconds=300, hours=1.5, opusenc_reps=1, ring_short_s=60,
             ring_long_s=12 * 3600, ring_reps=300, naive_minutes=(1, 10),
             resample_seconds=60, latency_seconds=30, drain_segments=1440,
-            drain_segment_seconds=60)
+            drain_segment_seconds=60, realtime_seconds=120, startup_reps=3)
 TINY = Sizes(audio_file_seconds=12, hours=20 / 3600, opusenc_reps=1, ring_short_s=60,
             ring_long_s=12 * 3600, ring_reps=20, naive_minutes=(0.5, 5),
             resample_seconds=2, latency_seconds=5, drain_segments=8,
-            drain_segment_seconds=5)
-MEASUREMENTS: Final = ("cpu", "ring", "resample", "latency", "drain")
+            drain_segment_seconds=5, realtime_seconds=4, startup_reps=1)
+MEASUREMENTS: Final = ("realtime", "cpu", "ring", "resample", "latency", "drain")
 
 
 def cpu_seconds() -> float:

@@ -19,6 +19,7 @@ from bench.common import (
     TARGET_RATIO,
     TARGET_REJECTION_DB,
 )
+from bench.realtime import realtime_lines, realtime_rows
 
 __all__ = ["KEY_DOCS", "print_table", "write_report"]
 
@@ -33,6 +34,8 @@ def _fmt(v: Any, unit: str = "") -> str:
 def _table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(measurement, figure, target/verdict) rows for stdout and the report."""
     rows: list[tuple[str, str, str]] = []
+    if "realtime" in r:
+        rows += realtime_rows(r["realtime"])
     if "cpu" in r:
         c = r["cpu"]
         rows += [
@@ -102,6 +105,17 @@ KEY_DOCS: Final[tuple[tuple[str, str], ...]] = (
     ('`meta.mode`', '`full` or `tiny` (CI: seconds of audio; numbers are not meaningful)'),
     ('`meta.loadavg_start`, `meta.loadavg_end`', '`os.getloadavg()` before and after the run'),
     ('`meta.wall_seconds`', 'wall time of the whole run'),
+    ('`realtime.blocks.<ms>.agent_cpu_s_per_audio_hour`, `...trio_thread_s_per_audio_hour`',
+     'the agent at real time, default config, capture delivered by a thread as a mic is'),
+    ('`realtime.blocks.<ms>.ratio_agent_to_c_tools`',
+     'the headline: agent / (sox + opusenc) on the same mono input at the same complexity'),
+    ('`realtime.blocks.<ms>.trio_thread_wakes_per_s`, `...capture_wakes_per_s`, '
+     '`...task_steps_per_s`', 'how often the Trio thread woke, how often capture woke it, '
+     'and how often Trio ran each task'),
+    ('`realtime.c_tools_cpu_s_per_audio_hour` (and its parts)',
+     '`sox` to 16 kHz + `opusenc` for STT + `opusenc` for segments'),
+    ('`realtime.startup`', 'CPU s of `config check`, `--help`, and `run` to its ready line'),
+    ('`realtime.before`', 'the figures before the capture thread woke Trio per batch'),
     ('`cpu.agent_cpu_s_per_audio_hour`',
      'agent process CPU (user+system, all threads) per hour of audio'),
     ('`cpu.agent_trio_thread_s_per_audio_hour`', 'of that, the Trio (main) thread: Python work'),
@@ -211,6 +225,8 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
         if name in plots:
             lines.extend([f"![{name}]({plots[name]})", ""])
 
+    if "realtime" in results:
+        lines += realtime_lines(results["realtime"])
     if "cpu" in results:
         c = results["cpu"]
         lines += [

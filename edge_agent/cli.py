@@ -17,10 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import config as cfgmod
-from .errors import CaptureError, StartupError
+from .errors import EdgeAgentError
 from .logs import print_error, setup_logging
-from .wire import agent_version
 
 __all__ = ["main"]
 
@@ -35,13 +33,23 @@ class _Fail(Exception):
         self.lines = lines
 
 
+class _Version(argparse.Action):
+    """--version, with the version read only when asked (reading it costs start-up)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        from .wire import agent_version
+
+        print(f"edge-agent {agent_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-agent",
         description="Always-on audio agent: capture, live transcription, durable spool, "
         "device API.",
     )
-    p.add_argument("--version", action="version", version=f"edge-agent {agent_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default: info")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -114,12 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args.data_dir, fast=args.fast, serve=args.serve)
         if args.command == "discover":
             return _discover(args.seconds, as_json=args.json)
-    except cfgmod.ConfigError as exc:
-        for line in exc.problems:
-            print_error(line)
-        return EXIT_USAGE
-    except (_Fail, CaptureError, StartupError) as exc:
+    except _Fail as exc:
         print_error(str(exc))
+        return EXIT_USAGE
+    except EdgeAgentError as exc:  # a bad config (one line per problem), port, device...
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print_error(line)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -128,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     # `check` is what the unit runs before every start: it needs the schema only.
+    from . import config as cfgmod
+
     action = args.config_command
     if action == "check":
         checked = cfgmod.load_config(args.path)
@@ -178,6 +188,7 @@ def _levels(path: Path | None, device: str | None, seconds: float) -> int:
     import msgspec
     import trio
 
+    from . import config as cfgmod
     from .capture import make_source
     from .capture.levels import GOOD_PEAK_HIGH, GOOD_PEAK_LOW, LevelMeter, run_levels
     from .clock import SystemClock
@@ -222,6 +233,7 @@ def _raise_descriptor_limit() -> None:
 def _run(path: Path, started: float) -> int:
     import trio
 
+    from . import config as cfgmod
     from .agent import Agent
 
     config = cfgmod.load_config(path)
@@ -234,6 +246,7 @@ def _run(path: Path, started: float) -> int:
 def _backend(listen: str, data_dir: Path) -> int:
     import trio
 
+    from .errors import StartupError
     from .fs import make_writable_dir
     from .reference import Backend, run_backend
 

@@ -354,6 +354,9 @@ class AgentCollector:
         yield _counter("edge_agent_capture_queue_drops",
                        "Captured blocks dropped because the event loop did not take them in "
                        "time.", stats.queue_drops)
+        yield _counter("edge_agent_capture_wakeups",
+                       "Times the capture thread woke the event loop (once per reader batch).",
+                       stats.wakeups)
         task = parts.supervisor.tasks.get("capture")
         yield _counter("edge_agent_capture_restarts",
                        "Times capture failed and the source was reopened.",

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import base64
 import enum
-import importlib.metadata
 import re
 import secrets
 import string
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Final
 
 import msgspec
@@ -64,6 +62,8 @@ def agent_version() -> str:
     """The installed edge-agent's version, as a device reports it (``/v1/status``,
     the network announcement); "0.0.0" when run from a source tree never installed."""
     try:
+        import importlib.metadata  # not at module level: `config check` must start fast
+
         return importlib.metadata.version("edge-agent")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
@@ -220,6 +220,8 @@ def parse_retry_after(value: str | None, now_utc: float) -> float | None:
     if value.isdigit():
         return float(value)
     try:
+        from email.utils import parsedate_to_datetime
+
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None

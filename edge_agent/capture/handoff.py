@@ -75,7 +75,6 @@ class BlockHandoff:
         self.max_hold_frames = max_hold_frames
         self.finished = False
         self.received = 0  # blocks the capture thread delivered (dropped ones too)
-        self.wakes = 0  # times Trio was asked to run (for the benchmark's wake-up count)
         self._token = trio.lowlevel.current_trio_token()
         self._event = trio.Event()
 
@@ -116,8 +115,13 @@ class BlockHandoff:
         wake_at = demand.wake_at
         return wake_at is not None and demand.head + queued >= wake_at
 
+    @property
+    def wakes(self) -> int:
+        """Times Trio was asked to run (``SourceStats.wakeups``)."""
+        return self.stats.wakeups
+
     def notify(self) -> None:
-        self.wakes += 1
+        self.stats.wakeups += 1
         self._token.run_sync_soon(self._wake, idempotent=True)
 
     def _wake(self) -> None:  # on the Trio thread; must never raise

@@ -48,6 +48,8 @@ class SourceStats:
     opens: int = 0
     # Times the capture timeline jumped to the device's clock (after an overflow).
     timeline_resyncs: int = 0
+    # Times the capture thread woke Trio (a reader of the ring had a batch to take).
+    wakeups: int = 0
 
 
 class Source(Protocol):
