@@ -140,7 +140,7 @@ class FileOps:
             finally:
                 self.close(fd, str(tmp))
             if old is not None:
-                with contextlib.suppress(PermissionError):  # not ours to give: it is ours
+                with contextlib.suppress(PermissionError):  # only root may give a file away
                     os.chown(tmp, old.st_uid, old.st_gid)
             os.chmod(tmp, mode)
             if replace:
