@@ -133,14 +133,17 @@ class FileOps:
         (mode 0600 while it is written, so a secret is never readable by others),
         fsync, rename, fsync of the directory.
 
-        The file keeps its permissions when it exists; a new one gets ``mode``
+        The file keeps its permissions when it exists, and its owner and group
+        where the writer may set them (root can): `config set` run with sudo must
+        leave the config readable by the service's user. A new file gets ``mode``
         (default 0644). Parent directories are created. ``replace=False`` creates
         the file only if it does not exist yet (`FileExistsError` otherwise): two
         writers racing to create it never overwrite each other.
         """
         self.makedirs(path.parent)
+        old = path.stat() if path.exists() else None
         if mode is None:
-            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+            mode = old.st_mode & 0o7777 if old is not None else 0o644
         raw = data.encode("utf-8") if isinstance(data, str) else data
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -150,6 +153,9 @@ class FileOps:
                 self.fsync(fd, str(tmp))
             finally:
                 self.close(fd, str(tmp))
+            if old is not None:
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.chown(tmp, old.st_uid, old.st_gid)
             os.chmod(tmp, mode)
             if replace:
                 self.replace(tmp, path)

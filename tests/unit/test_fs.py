@@ -3,6 +3,7 @@ readable by others while it is written, and a create-only write never overwrites
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -47,3 +48,16 @@ def test_create_only_never_overwrites(tmp_path: Path) -> None:
         write_atomic(path, "second\n", mode=0o600, replace=False)
     assert path.read_text() == "first\n"
     assert [p.name for p in tmp_path.iterdir()] == ["api-token"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_replaced_file_keeps_its_owner_and_group(tmp_path: Path) -> None:
+    """`sudo edge-agent config set` must leave the config readable by the service's user."""
+    path = tmp_path / "agent.toml"
+    path.write_text("old\n")
+    os.chown(path, 0, 4321)  # root:<the service's group>, as the installer leaves it
+    path.chmod(0o640)
+    write_atomic(path, "new\n")
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 4321, 0o640)
+    assert path.read_text() == "new\n"
