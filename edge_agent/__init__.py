@@ -6,10 +6,10 @@ uploader and the device API read it. The public surface is what is listed here.
 The package root only re-exports, lazily; no module of the package imports it.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .agent import Agent
     from .audio.pcm import SampleFormat
     from .capture import Block, CaptureError, FileSource, SoundDeviceSource, ToneSource
@@ -39,15 +39,19 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name == "__version__":
         from .wire import agent_version
         return agent_version()
     if name not in _HOMES:
         raise AttributeError(f"module 'edge_agent' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    value = getattr(_importlib.import_module(f".{_HOMES[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

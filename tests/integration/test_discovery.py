@@ -157,7 +157,7 @@ def test_two_agents_on_the_lan_are_listed_by_discover(lan: Lan, tmp_path: Path) 
         # api.advertise = false on a reload withdraws the announcement at once.
         north.config.write_text(north.config.read_text() + "advertise = false\n")
         north.proc.send_signal(signal.SIGHUP)
-        north.wait_for_log("not advertising on the network reason='api.advertise = false'")
+        north.wait_for_log('not advertising on the network reason="api.advertise = false"')
         after = discover(lan, "--json")
         assert [d["device"] for d in json.loads(after.stdout)] == ["mic-south"]
     finally:

@@ -171,8 +171,10 @@ class Run:
         self.agent.stop()
         st = self.stt.statistics()
         print(f"capture lag max {self.max_lag * 1000:.0f} ms; {st}")
-        # Capture kept its pace: never more than a few blocks behind real time.
-        assert self.max_lag < 0.5
+        # Capture kept its pace: nothing dropped, and the ring (fed once a reader has a
+        # batch to take, or at least every second) never far behind real time.
+        assert self.agent.source.stats.queue_drops == 0
+        assert self.max_lag < 1.5
         assert st.backlog_peak_seconds <= 1.0 and st.backlog_peak_bytes <= 16000
         # Every chunk cut is accounted for exactly once.
         assert st.chunks_cut == st.chunks_sent + st.dropped + st.backlog_chunks
