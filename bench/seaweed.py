@@ -47,17 +47,18 @@ def weed_binary() -> str | None:
 
 @dataclass(frozen=True)
 class DeviceIdentity:
-    """A device's keys and what its policy lets it do."""
+    """A device's keys and the buckets under whose ``DEVICE/`` prefix it may write."""
 
     device: str
     credentials: Credentials
-    bucket: str
+    buckets: tuple[str, ...]
 
     def policy(self) -> dict[str, Any]:
-        """The per-device IAM policy, as the README gives it for AWS and MinIO."""
+        """The per-device IAM policy, as the README gives it for AWS and MinIO: write
+        and read back its own prefix; no list, no delete."""
         return {"Version": "2012-10-17", "Statement": [{
             "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"],
-            "Resource": [f"arn:aws:s3:::{self.bucket}/{self.device}/*"]}]}
+            "Resource": [f"arn:aws:s3:::{b}/{self.device}/*" for b in self.buckets]}]}
 
 
 def _free_ports(count: int) -> list[int]:
@@ -111,8 +112,10 @@ class LocalSeaweed:
             f"-filer.localSocket={self.root / 'filer.sock'}", "-s3", f"-s3.port={p['s3']}",
             f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}", "-s3.port.iceberg=0",
             "-s3.port.lance=0", "-s3.iam=false", "-master.telemetry=false",
-            "-volume.max=100", "-master.volumeSizeLimitMB=16",
+            "-volume.max=100", "-master.volumeSizeLimitMB=16", "-master.electionTimeout=1s",
         ]
+        # A single master waits one election timeout (10 s by default) before it leads
+        # again after a restart: 1 s is plenty on loopback.
         # weed adds an admin identity for AWS_* variables it finds: give it none.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with (self.root / "weed.log").open("ab") as log:
@@ -173,7 +176,6 @@ class LocalSeaweed:
     def request(self, method: str, path: str, body: bytes = b"",
                 headers: dict[str, str] | None = None) -> httpx.Response:
         """One request as the admin; `path` starts with the bucket."""
-
         hdrs = {"x-amz-content-sha256": hashlib.sha256(body).hexdigest(), **(headers or {})}
         return self._admin.request(method, f"{self.endpoint}{path}", content=body or None,
                                    headers=hdrs)
@@ -183,10 +185,16 @@ class LocalSeaweed:
         r = self.request("PUT", f"/{bucket}")
         if r.status_code != 200:
             raise RuntimeError(f"create bucket {bucket}: {r.status_code} {r.text[:200]}")
-        grow = httpx.get(f"http://127.0.0.1:{self.ports['master']}/vol/grow",
-                         params={"collection": bucket, "count": "1"}, timeout=30)
-        if grow.status_code != 200:
-            raise RuntimeError(f"grow volumes of {bucket}: {grow.status_code} {grow.text}")
+        # Right after a start the volume server may not have reported to the master yet.
+        deadline = time.monotonic() + 30
+        while True:
+            grow = httpx.get(f"http://127.0.0.1:{self.ports['master']}/vol/grow",
+                             params={"collection": bucket, "count": "1"}, timeout=30)
+            if grow.status_code == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"grow volumes of {bucket}: {grow.status_code} {grow.text}")
+            time.sleep(0.1)
 
     def list_keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
         """Every key under `prefix` with its size (ListObjectsV2, all pages)."""

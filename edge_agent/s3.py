@@ -225,25 +225,34 @@ def checksum(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
 
 
-# What a person must fix, by error code: the setting to check and what to say.
+# What a person must fix, by error code: the setting to check, and what to say
+# (naming that setting, and the key inside it where one is to blame).
+_CREDS = f"check aws_{{}} in {CREDENTIALS_KEY}"
 _SETTINGS: Final = {
-    "SignatureDoesNotMatch": (CREDENTIALS_KEY, "the store refuses the signature: the secret "
-                              "key (aws_secret_access_key) does not belong to access key {ak}"),
-    "InvalidAccessKeyId": (CREDENTIALS_KEY, "the store knows no access key {ak} "
-                           "(aws_access_key_id)"),
-    "InvalidToken": (CREDENTIALS_KEY, "the session token (aws_session_token) is not valid"),
-    "ExpiredToken": (CREDENTIALS_KEY, "the session token (aws_session_token) has expired"),
-    "AccessDenied": ("upload.s3.key_template", "access denied writing {key} to bucket "
-                     "{bucket}: the device's policy must allow s3:PutObject and s3:GetObject "
-                     "on its prefix; check upload.s3.bucket and the policy of {ak}"),
-    "NoSuchBucket": ("upload.s3.bucket", "the store has no bucket {bucket}"),
-    "InvalidBucketName": ("upload.s3.bucket", "the store refuses the bucket name {bucket}"),
+    "SignatureDoesNotMatch": (CREDENTIALS_KEY, "the store refuses the signature: the secret key "
+                              "does not belong to access key {ak}; "
+                              + _CREDS.format("secret_access_key")),
+    "InvalidAccessKeyId": (CREDENTIALS_KEY, "the store knows no access key {ak}; "
+                           + _CREDS.format("access_key_id")),
+    "InvalidToken": (CREDENTIALS_KEY, "the session token is not valid; "
+                     + _CREDS.format("session_token")),
+    "ExpiredToken": (CREDENTIALS_KEY, "the session token has expired; "
+                     + _CREDS.format("session_token")),
+    "AccessDenied": ("upload.s3.bucket", "access denied writing {key} to bucket {bucket}; "
+                     "check upload.s3.bucket (does it exist?), upload.s3.key_template (the "
+                     "device's prefix) and that the policy of {ak} allows s3:PutObject and "
+                     "s3:GetObject there"),
+    "NoSuchBucket": ("upload.s3.bucket", "the store has no bucket {bucket}; "
+                     "check upload.s3.bucket"),
+    "InvalidBucketName": ("upload.s3.bucket", "the store refuses the bucket name {bucket}; "
+                          "check upload.s3.bucket"),
     "AuthorizationHeaderMalformed": ("upload.s3.region", "the store is not in region "
-                                     "{region}"),
-    "PermanentRedirect": ("upload.s3.endpoint", "bucket {bucket} is served elsewhere "
-                          "(another region or endpoint)"),
+                                     "{region}; check upload.s3.region"),
+    "PermanentRedirect": ("upload.s3.endpoint", "bucket {bucket} is served elsewhere; check "
+                          "upload.s3.endpoint and upload.s3.region"),
     "NotImplemented": ("upload.s3.endpoint", "the store does not support conditional writes "
-                       "(If-None-Match), which exactly-once uploads need"),
+                       "(If-None-Match), which exactly-once uploads need; check "
+                       "upload.s3.endpoint"),
 }
 # Answers about the body as it arrived, not about the segment (BadDigest: damaged on
 # the way), or about a moment (NoSuchKey: the object a 412 announced was deleted
@@ -257,6 +266,7 @@ _TRANSIENT: Final = frozenset({"BadDigest", "XAmzContentSHA256Mismatch", "Incomp
 
 
 Body = Callable[[], AsyncIterator[bytes]] | bytes
+Metadata = Mapping[str, str] | Callable[[], Mapping[str, str]]
 
 
 class Bucket:
@@ -275,27 +285,30 @@ class Bucket:
         self.last_status: int | None = None  # of the last answer, for status
 
     async def put_once(self, client: httpx.AsyncClient, key: str, body: Body, size: int,
-                       sha256_hex: str, content_type: str, metadata: Mapping[str, str], *,
+                       sha256_hex: str, content_type: str, metadata: Metadata, *,
                        identity: str | None = None) -> Decision:
         """Store `body` under `key` unless an object is there already.
 
-        `identity` (hex SHA-256) is what makes an object at `key` ours when a 412
-        says one exists: by default the body's own digest, compared with the
-        store's checksum of the object (or its ``x-amz-meta-sha256``); a sidecar
-        passes the digest of the audio it describes, compared with the metadata.
+        `metadata` becomes the ``x-amz-meta-*`` headers (a callable is asked again
+        when the request is sent again). `identity` (hex SHA-256) is what makes an
+        object at `key` ours when a 412 says one exists: by default the body's own
+        digest, compared with the store's checksum of the object (or its
+        ``x-amz-meta-sha256``); a sidecar passes the digest of the audio it
+        describes, compared with the metadata.
         """
-        headers = {
-            "Content-Type": content_type,
-            "Content-Length": str(size),
-            "If-None-Match": "*",
-            "x-amz-content-sha256": sha256_hex,
-            "x-amz-checksum-sha256": checksum(sha256_hex),
-            "x-amz-meta-sha256": identity or sha256_hex,
-            **{f"x-amz-meta-{name}": value for name, value in metadata.items()},
-        }
         url = object_url(self.config, key)
         for _ in range(2):  # a second time at once when the clock was corrected
             offset = self.auth.offset
+            headers = {
+                "Content-Type": content_type,
+                "Content-Length": str(size),
+                "If-None-Match": "*",
+                "x-amz-content-sha256": sha256_hex,
+                "x-amz-checksum-sha256": checksum(sha256_hex),
+                "x-amz-meta-sha256": identity or sha256_hex,
+                **{f"x-amz-meta-{name}": value for name, value in (
+                    metadata() if callable(metadata) else metadata).items()},
+            }
             content = body if isinstance(body, bytes) else body()
             async with client.stream("PUT", url, content=content, headers=headers,
                                      auth=self.auth) as response:
@@ -327,9 +340,9 @@ class Bucket:
             code = {403: "AccessDenied", 404: "NoSuchKey"}.get(response.status_code, "")
             if code == "AccessDenied":
                 return Decision(Verdict.RETRY, f"status=403 AccessDenied reading back {key} "
-                                "after a 412 to compare it: the device's policy must allow "
-                                "s3:GetObject on its prefix; check the policy of "
-                                f"{self.auth.credentials.access_key_id}",
+                                "after a 412 to compare it; check that the policy of "
+                                f"{self.auth.credentials.access_key_id} allows s3:GetObject "
+                                "on the device's prefix (upload.s3.key_template)",
                                 setting="upload.s3.key_template")
             return self._refused(response, code, "", key)
         stored = response.headers.get("x-amz-checksum-sha256")
@@ -345,7 +358,8 @@ class Bucket:
             return Decision(Verdict.ALREADY)
         if theirs is None:
             return Decision(Verdict.QUARANTINE, f"status=412 bucket {self.config.bucket} holds "
-                                                f"{key} and does not say its sha256")
+                                                f"another object under {key}, with no sha256 "
+                                                "to compare (not written by an edge-agent)")
         return Decision(Verdict.QUARANTINE,
                         f"status=412 bucket {self.config.bucket} holds a different object "
                         f"under {key} (its sha256={theirs}, ours={ours})")
@@ -368,9 +382,9 @@ class Bucket:
                 detail = f": {message}" if message else ""
                 return Decision(Verdict.RETRY, f"{what}{detail}", retry_after)
             # An answer we cannot place is about the request, not the segment.
-            known = ("upload.s3", message or "the store refused the request")
+            known = ("upload.s3", f"{message or 'the store refused the request'}; "
+                                  "check the settings of upload.s3")
         setting, text = known
         text = text.format(ak=self.auth.credentials.access_key_id, key=key,
                            bucket=self.config.bucket, region=self.config.region)
-        return Decision(Verdict.RETRY, f"{what}: {text}; check {setting}", retry_after,
-                        setting=setting)
+        return Decision(Verdict.RETRY, f"{what}: {text}", retry_after, setting=setting)

@@ -421,16 +421,20 @@ class Uploader:
         is synced when both are stored."""
         assert self._bucket is not None and self._auth is not None
         key = segment_key(self.config.s3.key_template, self.device, meta.id, ext)
-        # Times cut with an unsynchronised clock are off by about what the store says.
-        offset = None if meta.clock_synced else self._auth.offset
-        audio = await self._bucket.put_once(client, key, lambda: self._body(f, size), size,
-                                            meta.sha256, meta.content_type,
-                                            object_metadata(meta, self.device, offset))
-        self.stats.clock_offset_seconds = self._auth.offset
+        auth = self._auth
+
+        def offset() -> float | None:
+            # Times cut with an unsynchronised clock are off by about what the store says.
+            return None if meta.clock_synced else auth.offset
+
+        audio = await self._bucket.put_once(
+            client, key, lambda: self._body(f, size), size, meta.sha256, meta.content_type,
+            lambda: object_metadata(meta, self.device, offset()))
+        self.stats.clock_offset_seconds = auth.offset
         self.stats.last_status = self._bucket.last_status
         if audio.verdict not in (Verdict.SYNCED, Verdict.ALREADY):
             return audio
-        record = sidecar(meta, self.device, key, offset)
+        record = sidecar(meta, self.device, key, offset())
         side = await self._bucket.put_once(
             client, f"{key}.json", record, len(record), hashlib.sha256(record).hexdigest(),
             "application/json", {"segment": meta.id}, identity=meta.sha256)
