@@ -56,6 +56,7 @@ __all__ = [
     "Bucket",
     "Credentials",
     "SigV4",
+    "checksum",
     "error_code",
     "object_url",
     "read_credentials",

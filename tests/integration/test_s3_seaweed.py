@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trio
 
+from bench.s3load import project, run_load
 from bench.seaweed import DeviceIdentity, LocalSeaweed, weed_binary
 from edge_agent.agent import Agent
 from edge_agent.clock import SystemClock
@@ -45,6 +46,9 @@ BUCKET = "audio"
 LATE_BUCKET = "audio-late"  # created only during the missing-bucket test
 KEYS = Credentials("DEV7ACCESSKEY", "dev7-secret-access-key")
 OTHER_DEVICE = "dev-8"
+FLEET_BUCKET = "fleet"
+LOAD_DEVICES = [DeviceIdentity(f"load-{i}", Credentials(f"LOAD{i}ACCESSKEY", f"load-{i}-secret"),
+                               (FLEET_BUCKET,)) for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSeaweed]:
     store = LocalSeaweed(tmp_path_factory.mktemp("seaweed"), [
         DeviceIdentity(DEVICE, KEYS, (BUCKET, LATE_BUCKET)),
         DeviceIdentity(OTHER_DEVICE, Credentials("DEV8ACCESSKEY", "dev8-secret"), (BUCKET,)),
+        *LOAD_DEVICES,
     ])
     try:
         store.start()
@@ -449,3 +454,18 @@ async def test_kill_9_of_the_agent_leaves_every_sealed_segment_in_the_bucket_onc
     metas = [h[0] for h in held if h is not None]
     assert len(metas) >= KILLS
     assert_in_bucket_exactly_once(seaweed, "kill-9", metas)
+
+
+def test_the_fleet_load_script_drains_every_device_once(
+    tmp_path: Path, seaweed: LocalSeaweed,
+) -> None:
+    seaweed.create_bucket(FLEET_BUCKET)
+    result = run_load(seaweed, LOAD_DEVICES, segments=2, processes=1, work=tmp_path,
+                      bucket=FLEET_BUCKET, segment_seconds=5.0)
+    assert result["every_object_once"] and result["objects_listed"] == 12
+    assert (result["segments"], result["quarantined"], result["left_pending"]) == (6, 0, 0)
+    assert result["latency_s"]["n"] == 6 and result["device_cpu_s"] > 0
+    assert 15_000 < result["segment_bytes"] < 25_000  # 5 s at 32 kbit/s
+    fleet = project(result)  # 5 s segments: 12 times the requests of 60 s ones
+    assert (fleet["puts_per_device_per_day"], fleet["puts_per_second_fleet"]) == (34560, 4000)
+    assert fleet["put_cost_usd_per_device_per_day"] == 0.1728
