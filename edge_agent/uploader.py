@@ -46,7 +46,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -56,7 +56,6 @@ import trio
 from .blocking import ThreadRunner
 from .clock import Clock, SystemClock
 from .config import UploadConfig, read_secret
-from .s3 import Bucket, SigV4, read_credentials
 from .supervisor import Backoff, TaskStatus
 from .wire import (
     SUCCESS_STATUS,
@@ -68,6 +67,9 @@ from .wire import (
     judge_response,
     segment_key,
 )
+
+if TYPE_CHECKING:
+    from .s3 import Bucket, SigV4
 
 __all__ = [
     "Decision",
@@ -271,6 +273,9 @@ class Uploader:
         "s3", the credentials read and the bucket set up."""
         headers = {"User-Agent": "edge-agent"}
         if self.config.target == "s3":
+            # Imported here: the signer (awscrt, ~5 MB resident) only where it is used.
+            from .s3 import Bucket, SigV4, read_credentials
+
             s3 = self.config.s3
             creds = await self._runner.run(read_credentials, s3.credentials_file, s3.profile)
             if self._auth is None:
