@@ -193,9 +193,9 @@ class SigV4(httpx.Auth):
         if abs(server - (device + self.offset)) < SKEW_TOLERANCE:
             return False
         was, self.offset = self.offset, round(server - device)
-        log.warning("s3 clock offset_seconds=%d (was %d): the device clock is %s the store's; "
-                    "requests are signed with the store's time", self.offset, was,
-                    "behind" if self.offset > 0 else "ahead of")
+        log.warning("s3 clock corrected from the store's Date offset_seconds=%d was=%d "
+                    "device_clock=%s", self.offset, was,
+                    "behind" if self.offset > 0 else "ahead")
         return True
 
 

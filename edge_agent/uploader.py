@@ -360,7 +360,7 @@ class Uploader:
         st.consecutive_failures += 1
         st.last_error = reason
         if setting is not None and st.blocked != reason:
-            log.error("upload blocked id=%s: %s", meta.id, reason)
+            log.error("upload blocked id=%s setting=%s reason=%s", meta.id, setting, reason)
         else:
             log.warning("upload failed id=%s reason=%r failures=%d", meta.id, reason,
                         st.consecutive_failures)

@@ -337,7 +337,7 @@ async def test_a_skewed_clock_is_corrected_from_the_store_and_shown(
     assert health["clock"].status == "degraded" and "behind the object store" in \
         health["clock"].detail and f"{offset:.0f} s" in health["clock"].detail
     assert health["uploader"].status == "ok"
-    skew_lines = [r.getMessage() for r in caplog.records if "clock offset" in r.getMessage()]
+    skew_lines = [r.getMessage() for r in caplog.records if "s3 clock corrected" in r.getMessage()]
     assert len(skew_lines) == 1 and f"offset_seconds={offset:.0f}" in skew_lines[0]
     synced = [m for m, _ in agent.spool.list(state=SegmentState.SYNCED)]
     assert len(synced) >= 2 and all(not m.clock_synced for m in synced)

@@ -130,7 +130,7 @@ async def test_a_skewed_clock_is_corrected_from_the_date_header_and_sent_again_a
     assert second.headers["x-amz-date"] == "20300317T184640Z"
     assert second.url.path == first.url.path
     assert len(store.requests) == 3  # audio, audio again, sidecar
-    lines = [r.getMessage() for r in caplog.records if "clock offset" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "s3 clock corrected" in r.getMessage()]
     assert len(lines) == 1 and "offset_seconds=3600" in lines[0]
     assert spool.get(meta.id) == (meta, SegmentState.SYNCED)
 
