@@ -378,14 +378,14 @@ class Bucket:
         if code == "" and status == 404:
             code = "NoSuchBucket"  # a HEAD or a store that says no more than its status
         known = _SETTINGS.get(code)
-        if known is None:
-            if code in _TRANSIENT or status >= 500 or status in (408, 409, 429) or status < 400:
-                detail = f": {message}" if message else ""
-                return Decision(Verdict.RETRY, f"{what}{detail}", retry_after)
-            # An answer we cannot place is about the request, not the segment.
-            known = ("upload.s3", f"{message or 'the store refused the request'}; "
-                                  "check the settings of upload.s3")
-        setting, text = known
-        text = text.format(ak=self.auth.credentials.access_key_id, key=key,
-                           bucket=self.config.bucket, region=self.config.region)
-        return Decision(Verdict.RETRY, f"{what}: {text}", retry_after, setting=setting)
+        if known is not None:
+            setting, text = known
+            text = text.format(ak=self.auth.credentials.access_key_id, key=key,
+                               bucket=self.config.bucket, region=self.config.region)
+            return Decision(Verdict.RETRY, f"{what}: {text}", retry_after, setting=setting)
+        if code in _TRANSIENT or status >= 500 or status in (408, 409, 429) or status < 400:
+            detail = f": {message}" if message else ""
+            return Decision(Verdict.RETRY, f"{what}{detail}", retry_after)
+        # An answer we cannot place is about the request, not the segment.
+        return Decision(Verdict.RETRY, f"{what}: {message or 'the store refused the request'}; "
+                        "check the settings of upload.s3", retry_after, setting="upload.s3")

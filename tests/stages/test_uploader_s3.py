@@ -38,9 +38,10 @@ DEVICE_TIME = 1_900_000_000.0
 Answer = Callable[[httpx.Request], httpx.Response | None]
 
 
-def s3_error(status: int, code: str, **headers: str) -> httpx.Response:
+def s3_error(status: int, code: str, message: str = "", **headers: str) -> httpx.Response:
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-            f"<Message>{code} happened</Message><RequestId>1</RequestId></Error>")
+            f"<Message>{message or code + ' happened'}</Message><RequestId>1</RequestId>"
+            "</Error>")
     return httpx.Response(status, text=body, headers={"content-type": "application/xml",
                                                       **headers})
 
@@ -162,7 +163,7 @@ async def test_a_missing_bucket_is_named_at_once_logged_once_and_never_quarantin
     (s3_error(403, "AccessDenied"), "upload.s3.bucket"),
     (s3_error(400, "AuthorizationHeaderMalformed"), "upload.s3.region"),
     (s3_error(501, "NotImplemented"), "upload.s3.endpoint"),
-    (s3_error(400, "InvalidArgument"), "upload.s3"),
+    (s3_error(400, "InvalidArgument", "x-amz-meta-{gaps} is not {allowed}"), "upload.s3"),
     (httpx.Response(403), "upload.s3"),
 ])
 async def test_whatever_else_the_store_says_is_retried_never_quarantined(
