@@ -33,8 +33,8 @@ supervisor's `Backoff`, whose `jitter=1.0` is exactly full jitter.
 
 Owns `Uploader`, `UploaderStats` and the Protocols of what it reads of the
 spool (`SegmentInfo`, `SegmentSource`): the agent passes the real spool in. A
-stage: imports only the bottom layer (`wire`, `config`, `blocking`, ...); never
-agent, another stage (not even spool), metrics or api.
+stage: imports only the layers below (`s3`, `wire`, `config`, `blocking`, ...);
+never agent, another stage (not even spool), metrics or api.
 """
 
 from __future__ import annotations
