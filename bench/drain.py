@@ -24,19 +24,24 @@ from edge_agent.audio.pcm import SampleFormat, read_wav
 from edge_agent.clock import iso_utc
 from edge_agent.wire import SegmentMeta, new_segment_id
 
-__all__ = ["drain_result", "drain_run"]
+__all__ = ["drain_result", "drain_run", "encode_segment", "write_sealed"]
 
 
-def _populate_spool(root: Path, wav: Path, count: int, seconds: float) -> dict[str, Any]:
-    """`count` sealed segments of `seconds` each, ending now, as a 24 h outage
-    leaves them: one encode of the first `seconds` of `wav`, copied under
-    distinct ids with their own metadata in the spool's on-disk format (the
-    agent's recovery loads them like any other)."""
+def encode_segment(wav: Path, seconds: float) -> tuple[bytes, int, int, int]:
+    """One Ogg Opus segment (32 kbit/s) of the first `seconds` of `wav`: its bytes,
+    frames, rate and channels."""
     pcm, rate = read_wav(wav)
-    frames = round(seconds * rate)
-    enc = make_encoder("opus", rate, int(pcm.shape[1]), SampleFormat.INT16, bitrate=32000,
+    frames, channels = round(seconds * rate), int(pcm.shape[1])
+    enc = make_encoder("opus", rate, channels, SampleFormat.INT16, bitrate=32000,
                        application="audio")
-    audio = encode_whole(enc, np.ascontiguousarray(pcm[:frames]))
+    return encode_whole(enc, np.ascontiguousarray(pcm[:frames])), frames, rate, channels
+
+
+def write_sealed(root: Path, audio: bytes, *, device: str, count: int, seconds: float,
+                 frames: int, rate: int, channels: int = 1) -> list[str]:
+    """`count` sealed segments of `seconds` each, ending now, all holding `audio`
+    under distinct ids with their own metadata, in the spool's on-disk format (the
+    agent's recovery loads them like any other); returns their ids."""
     digest = hashlib.sha256(audio).hexdigest()
     now = time.time()
     mono = time.monotonic()
@@ -48,14 +53,24 @@ def _populate_spool(root: Path, wav: Path, count: int, seconds: float) -> dict[s
         seg_dir.mkdir(parents=True)
         (seg_dir / "audio.opus").write_bytes(audio)
         meta = SegmentMeta(
-            id=seg_id, device=DEVICE_ID, start_utc=iso_utc(start), end_utc=iso_utc(start + seconds),
+            id=seg_id, device=device, start_utc=iso_utc(start), end_utc=iso_utc(start + seconds),
             start_ts=start, end_ts=start + seconds, mono_start=mono - (count - i) * seconds,
             mono_end=mono - (count - i - 1) * seconds, frames=frames, rate=rate,
-            channels=int(pcm.shape[1]), format="opus", content_type="audio/ogg; codecs=opus",
+            channels=channels, format="opus", content_type="audio/ogg; codecs=opus",
             bytes=len(audio), sha256=digest, clock_synced=True, created_at=iso_utc(start),
             sealed_at=iso_utc(start + seconds), bitrate=32000, sample_format="int16")
         (seg_dir / "meta.json").write_bytes(msgspec.json.encode(meta))
         ids.append(seg_id)
+    return ids
+
+
+def _populate_spool(root: Path, wav: Path, count: int, seconds: float) -> dict[str, Any]:
+    """`count` sealed segments of `seconds` each, ending now, as a 24 h outage
+    leaves them: one encode of the first `seconds` of `wav`, copied under
+    distinct ids."""
+    audio, frames, rate, channels = encode_segment(wav, seconds)
+    ids = write_sealed(root, audio, device=DEVICE_ID, count=count, seconds=seconds,
+                       frames=frames, rate=rate, channels=channels)
     return {"ids": ids, "bytes_each": len(audio)}
 
 

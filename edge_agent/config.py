@@ -8,20 +8,17 @@ Unknown keys are errors: a typo must never be silently ignored. Every key says
 what it does and its unit in ``Meta(description=...)``: ``configfile`` writes it
 as the key's comment.
 
-Bottom layer: imports only ``wire`` and ``errors``; every stage reads its
+Bottom layer: imports only ``wire``, ``schema`` and ``errors``; every stage reads its
 section from here, and every rule about the config lives here.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import math
 import os
 import re
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -29,7 +26,8 @@ import msgspec
 from msgspec import Meta
 
 from .errors import EdgeAgentError
-from .wire import DEVICE_ID_PATTERN
+from .schema import convert_table, names_any
+from .wire import DEFAULT_KEY_TEMPLATE, DEVICE_ID_PATTERN
 
 __all__ = [
     "AgentConfig",
@@ -39,9 +37,11 @@ __all__ = [
     "DeviceConfig",
     "RecordingsConfig",
     "RingConfig",
+    "S3Config",
     "SegmentsConfig",
     "SttConfig",
     "UploadConfig",
+    "check_upload_config",
     "default_config",
     "is_loopback",
     "listen_host",
@@ -194,11 +194,35 @@ class SegmentsConfig(_Section):
         "How long uploaded segments are kept for retrieval (hours)"))] = 24.0
 
 
+class S3Config(_Section):
+    """Object storage for upload.target = "s3": AWS S3 or an S3-compatible store."""
+
+    endpoint: Annotated[str, Meta(description=(
+        "The store's URL, e.g. https://minio.example:9000 (empty: AWS S3 in region)"
+    ))] = ""
+    region: Annotated[str, Meta(description=(
+        "Region the requests are signed for (self-hosted stores mostly take us-east-1)"
+    ))] = "us-east-1"
+    bucket: Annotated[str, Meta(description="Bucket the segments are written to")] = ""
+    key_template: Annotated[str, Meta(description=(
+        "Object key: {device} {yyyy} {mm} {dd} {hh} {segment} {ext}; needs {segment}"
+    ))] = DEFAULT_KEY_TEMPLATE
+    addressing: Annotated[Literal["path", "virtual"], Meta(description=(
+        '"path": ENDPOINT/BUCKET/KEY; "virtual": BUCKET.ENDPOINT/KEY'))] = "path"
+    credentials_file: Annotated[str, Meta(description=(
+        "AWS shared-credentials file holding this device's keys (a path)"))] = ""
+    profile: Annotated[str, Meta(description=(
+        "Section of credentials_file to use"))] = "default"
+
+
 class UploadConfig(_Section):
-    """Syncing sealed segments to the backend."""
+    """Syncing sealed segments to the backend or to object storage."""
 
     enabled: Annotated[bool, Meta(description=(
         "Upload sealed segments to the backend (needs segments.enabled)"))] = False
+    target: Annotated[Literal["http", "s3"], Meta(description=(
+        'Where segments go: "http" (PUT to url) or "s3" (object storage, [upload.s3])'
+    ))] = "http"
     url: Annotated[str, Meta(description=(
         "Where each segment is PUT: a URL template with {device} and {segment}"))] = ""
     token_file: Annotated[str, Meta(description=(
@@ -214,6 +238,7 @@ class UploadConfig(_Section):
     shutdown_seconds: Annotated[float, Meta(ge=0, le=60, description=(
         "After a stop, how long pending segments are still sent, 0 for not at all "
         "(seconds)"))] = 4.0
+    s3: S3Config = msgspec.field(default_factory=S3Config)
 
 
 class ApiConfig(_Section):
@@ -302,92 +327,15 @@ def validate(raw: dict[str, Any]) -> AgentConfig:
     listing every problem found."""
     problems: list[str] = []
     bad: list[str] = []
-    value = _convert_struct(raw, AgentConfig, "", problems, bad)
+    value = convert_table(raw, AgentConfig, "", problems, bad)
     assert isinstance(value, AgentConfig)
     # The rules across keys run even when some keys are bad (those hold their
     # defaults here), so one check lists every problem. A rule that names a bad
     # key is left out: it would judge the default, not what the file says.
-    problems.extend(p for p in _cross_checks(value) if not _names_any(p, bad))
+    problems.extend(p for p in _cross_checks(value) if not names_any(p, bad))
     if problems:
         raise ConfigError(problems)
     return value
-
-
-def _names_any(problem: str, key_paths: list[str]) -> bool:
-    return any(re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", problem) for k in key_paths)
-
-
-def _convert_struct(
-    raw: Any, cls: type[msgspec.Struct], path: str, problems: list[str], bad: list[str]
-) -> msgspec.Struct:
-    """`cls` from a raw table; a key that is bad is reported in `problems`, named
-    in `bad` and left at its default."""
-    if not isinstance(raw, dict):
-        problems.append(f"{path.rstrip('.') or 'config'}: expected a table, got {_show(raw)}")
-        bad.append(path.rstrip("."))
-        return cls()
-    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for key in raw:
-        if key not in fields:
-            problems.append(_unknown_key(f"{path}{key}", key, list(fields)))
-    kwargs: dict[str, Any] = {}
-    for name, field in fields.items():
-        if name not in raw:
-            continue
-        ftype = hints[field.name]
-        key_path = f"{path}{name}"
-        if isinstance(ftype, type) and issubclass(ftype, msgspec.Struct):
-            kwargs[field.name] = _convert_struct(raw[name], ftype, key_path + ".", problems, bad)
-            continue
-        try:
-            kwargs[field.name] = msgspec.convert(raw[name], ftype, strict=True)
-        except msgspec.ValidationError as exc:
-            problems.append(f"{key_path}: {_expected(ftype, str(exc))}, got {_show(raw[name])}")
-            bad.append(key_path)
-    return cls(**kwargs)
-
-
-def _unknown_key(key_path: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{key_path}: unknown key{hint}; known keys here: {', '.join(sorted(known))}"
-
-
-def _expected(ftype: Any, message: str) -> str:
-    """Say in words what a key accepts, including any bound msgspec reported."""
-    base = _describe(ftype)
-    # msgspec reports bounds as "Expected `int` >= 8000".
-    bound = re.match(r"Expected `[^`]+` (.+?)(?: - at .*)?$", message)
-    if bound and not bound.group(1).startswith("got"):
-        if bound.group(1).startswith("matching regex"):
-            return f"expected {base} of letters, digits, '.', '_' or '-' (at most 64)"
-        return f"expected {base} {bound.group(1)}"
-    return f"expected {base}"
-
-
-def _describe(ftype: Any) -> str:
-    origin = typing.get_origin(ftype)
-    if origin is Annotated:
-        return _describe(typing.get_args(ftype)[0])
-    if origin is Literal:
-        return "one of " + ", ".join(f'"{a}"' for a in typing.get_args(ftype))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(ftype))
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    return names.get(ftype, getattr(ftype, "__name__", str(ftype)))
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return str(value)
 
 
 def _cross_checks(cfg: AgentConfig) -> list[str]:
@@ -411,15 +359,9 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
         )
     if stt.enabled:
         problems.extend(check_stt_config(stt))
-    for section, url in (("stt", stt.url), ("upload", cfg.upload.url)):
-        enabled = getattr(cfg, section).enabled
-        if enabled and not re.match(r"^https?://[^/\s]+", url):
-            problems.append(f'{section}.url: expected an http:// or https:// URL, got "{url}"')
-    if cfg.upload.enabled and re.match(r"^https?://[^/\s]+", cfg.upload.url):
-        from .wire import check_url_template
-
-        if (problem := check_url_template(cfg.upload.url)) is not None:
-            problems.append(f'upload.url: {problem}, got "{cfg.upload.url}"')
+    if stt.enabled and not re.match(r"^https?://[^/\s]+", stt.url):
+        problems.append(f'stt.url: expected an http:// or https:// URL, got "{stt.url}"')
+    problems.extend(check_upload_config(cfg.upload))
     if cfg.upload.enabled and not cfg.segments.enabled:
         problems.append("upload.enabled: expected segments.enabled = true "
                         "(the uploader sends the spooled segments)")
@@ -459,6 +401,28 @@ def check_stt_config(cfg: SttConfig) -> list[str]:
                         f"stt.backoff_max_seconds ({cfg.backoff_max_seconds:g}), "
                         f"got {cfg.backoff_initial_seconds:g}")
     return problems
+
+
+def check_upload_config(cfg: UploadConfig) -> list[str]:
+    """Problems with the ``[upload]`` section and, with target "s3", ``[upload.s3]``
+    (no I/O: the credentials file is read when the uploader starts)."""
+    from .wire import check_s3_target, check_url_template
+
+    if cfg.target == "s3":
+        s3 = cfg.s3
+        problems = [f'upload.s3.{key}: {problem}, got "{getattr(s3, key)}"' for key, problem
+                    in check_s3_target(s3.endpoint, s3.region, s3.bucket, s3.addressing,
+                                       s3.key_template)]
+        if not s3.credentials_file:
+            problems.append('upload.s3.credentials_file: expected the file holding this '
+                            'device\'s keys when upload.target = "s3"')
+        return problems
+    if not cfg.enabled:
+        return []
+    if not re.match(r"^https?://[^/\s]+", cfg.url):
+        return [f'upload.url: expected an http:// or https:// URL, got "{cfg.url}"']
+    problem = check_url_template(cfg.url)
+    return [f'upload.url: {problem}, got "{cfg.url}"'] if problem else []
 
 
 def listen_host(listen: str) -> str:
@@ -516,15 +480,27 @@ def read_secret(path: str | os.PathLike[str], key: str, *,
                 expected: str = "one token on one line") -> str:
     """The one secret held in the file at ``path`` (a bearer token, an API key).
 
-    Every secret file is read here, with one error policy: `ConfigError` with one
-    line naming the config ``key``, the file and what is wrong. The secret is the
-    file's text without surrounding whitespace; it must be one word, and match
-    ``pattern`` when given (``expected`` then says what it should look like).
+    Every secret file is read here (`read_secret_text`), with one error policy:
+    `ConfigError` with one line naming the config ``key``, the file and what is
+    wrong. The secret is the file's text without surrounding whitespace; it must
+    be one word, and match ``pattern`` when given (``expected`` then says what it
+    should look like).
     """
+    text = read_secret_text(path, key).strip()
+    if not text or any(ch.isspace() for ch in text) or (
+            pattern is not None and not pattern.fullmatch(text)):
+        where = f"{key}: {Path(path)}" if key else str(Path(path))
+        raise ConfigError([f"{where}: expected {expected}"])
+    return text
+
+
+def read_secret_text(path: str | os.PathLike[str], key: str) -> str:
+    """The whole text of a file holding secrets (a token, a credentials file), or
+    `ConfigError` in one line naming the config ``key`` and the file."""
     p = Path(path)
     where = f"{key}: {p}" if key else str(p)
     try:
-        text = p.read_text(encoding="utf-8").strip()
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{where}: no such file"]) from None
     except PermissionError:
@@ -535,10 +511,6 @@ def read_secret(path: str | os.PathLike[str], key: str, *,
         raise ConfigError([f"{where}: cannot read ({exc.strerror})"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{where}: cannot read (not UTF-8 text)"]) from None
-    if not text or any(ch.isspace() for ch in text) or (
-            pattern is not None and not pattern.fullmatch(text)):
-        raise ConfigError([f"{where}: expected {expected}"])
-    return text
 
 
 # ----------------------------------------------------------------------------

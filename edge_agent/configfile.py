@@ -61,16 +61,29 @@ def render(cfg: AgentConfig, *, header: str = "") -> str:
     sections = typing.get_type_hints(AgentConfig)
     chunks = [header] if header else []
     for field in msgspec.structs.fields(AgentConfig):
-        section = sections[field.name]
-        summary = (section.__doc__ or "").strip().splitlines()[:1]
-        lines = [f"# {line}" for line in summary] + [f"[{field.encode_name}]"]
-        for key, description in describe(section).items():
-            if description:
-                lines.append(f"# {description}")
-            value = tomlkit.item(values[field.encode_name][key]).as_string()
-            lines.append(f"{key} = {value}")
-        chunks.append("\n".join(lines) + "\n")
+        chunks.extend(_render_table(field.encode_name, sections[field.name],
+                                    values[field.encode_name]))
     return "\n".join(chunks)
+
+
+def _render_table(name: str, section: type[msgspec.Struct], values: dict[str, Any]
+                  ) -> list[str]:
+    """One table under its comment, then its sub-tables (``[upload.s3]``) after it."""
+    summary = (section.__doc__ or "").strip().splitlines()[:1]
+    lines = [f"# {line}" for line in summary] + [f"[{name}]"]
+    tables: list[str] = []
+    hints = typing.get_type_hints(section)
+    descriptions = describe(section)
+    for field in msgspec.structs.fields(section):
+        sub = hints[field.name]
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct):
+            tables.extend(_render_table(f"{name}.{field.encode_name}", sub,
+                                        values[field.encode_name]))
+            continue
+        if description := descriptions[field.encode_name]:
+            lines.append(f"# {description}")
+        lines.append(f"{field.encode_name} = {tomlkit.item(values[field.encode_name]).as_string()}")
+    return ["\n".join(lines) + "\n", *tables]
 
 
 # ----------------------------------------------------------------------------

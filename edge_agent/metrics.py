@@ -198,8 +198,14 @@ def component_health(parts: AgentParts) -> dict[str, ComponentHealth]:
     else:
         out["disk"] = ComponentHealth("ok", f"{free / 2**20:.0f} MB free")
 
-    # clock
-    if parts.clock.synced():
+    # clock: the object store's answers show a wrong clock even when NTP claims sync
+    offset = parts.uploader.stats.clock_offset_seconds if parts.uploader is not None else 0.0
+    if offset:
+        out["clock"] = ComponentHealth(
+            "degraded", f"wall clock {abs(offset):.0f} s {'behind' if offset > 0 else 'ahead of'}"
+                        " the object store's: uploads are signed with the store's time and "
+                        "audio times are off by as much (check NTP)")
+    elif parts.clock.synced():
         out["clock"] = ComponentHealth("ok", "NTP-synchronised")
     else:
         out["clock"] = ComponentHealth(
@@ -249,8 +255,13 @@ def _config_summary(parts: AgentParts) -> dict[str, Any]:
         "segments": {"enabled": seg.enabled, "seconds": seg.seconds, "format": seg.format,
                      "bitrate": seg.bitrate, "max_spool_mb": seg.max_spool_mb,
                      "min_free_mb": seg.min_free_mb},
-        "upload": {"enabled": c.upload.enabled, "url": _sanitize_url(c.upload.url),
-                   "token": bool(c.upload.token_file)},
+        "upload": {"enabled": c.upload.enabled, "target": c.upload.target,
+                   "url": _sanitize_url(c.upload.url), "token": bool(c.upload.token_file),
+                   "s3": ({"endpoint": _sanitize_url(c.upload.s3.endpoint),
+                           "region": c.upload.s3.region, "bucket": c.upload.s3.bucket,
+                           "key_template": c.upload.s3.key_template,
+                           "addressing": c.upload.s3.addressing}
+                          if c.upload.target == "s3" else None)},
     }
 
 
@@ -496,6 +507,9 @@ class AgentCollector:
         yield _counter("edge_agent_upload_quarantined", "Segments the backend refused.",
                        u.quarantined)
         yield _counter("edge_agent_upload_bytes", "Bytes of segment bodies sent.", u.bytes_sent)
+        yield _gauge("edge_agent_upload_clock_offset_seconds",
+                     "Seconds the object store's clock is ahead of the device's, as used to "
+                     "sign (0: within 5 minutes).", u.clock_offset_seconds)
 
 
 def make_registry(parts: AgentParts, extra: Iterable[Any] = ()) -> CollectorRegistry:

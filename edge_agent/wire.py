@@ -3,8 +3,9 @@
 What a device and its backend must agree on, in one place: the shapes of device
 and segment ids, a segment's metadata (`SegmentMeta`, stored as ``meta.json`` and
 sent with every upload), the idempotent-PUT headers and digests (RFC 9530),
-`Retry-After`, what a response to an upload means (`judge_response`), and the
-headers of the raw STT protocol. The uploader, the STT streamer, the recorder's
+`Retry-After`, what a response to an upload means (`judge_response`), the object
+keys segments get in a bucket (`segment_key`), and the headers of the raw STT
+protocol. The uploader, the STT streamer, the recorder's
 stores and the reference backend all read it from here.
 
 Imports nothing of the project: every layer may import it.
@@ -27,7 +28,9 @@ import msgspec
 __all__ = [
     "ALREADY_STATUS",
     "CHUNK_FILENAME",
+    "DEFAULT_KEY_TEMPLATE",
     "DEVICE_ID_PATTERN",
+    "KEY_FIELDS",
     "RAW_CONTENT_TYPE",
     "RAW_HEADERS",
     "RETRYABLE_STATUS",
@@ -41,6 +44,8 @@ __all__ = [
     "SegmentState",
     "Verdict",
     "agent_version",
+    "check_key_template",
+    "check_s3_target",
     "check_url_template",
     "content_digest",
     "idempotent_put_headers",
@@ -49,6 +54,7 @@ __all__ = [
     "new_segment_id",
     "parse_digest_header",
     "parse_retry_after",
+    "segment_key",
     "stored_sha256",
 ]
 
@@ -240,9 +246,14 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
+    """What to do with a segment after an upload attempt. ``setting`` names the
+    config key a person must check when the failure is theirs to fix (a refused
+    key, a missing bucket): retried all the same, and health says so at once."""
+
     verdict: Verdict
     reason: str = ""
     retry_after: float | None = None
+    setting: str | None = None
 
 
 def idempotent_put_headers(content_type: str, size: int, sha256_hex: str,
@@ -296,6 +307,93 @@ def check_url_template(template: str) -> str | None:
     if "segment" not in fields:
         return "expected a {segment} placeholder (each segment has its own URL)"
     return None
+
+
+# ----------------------------------------------------------------------------
+# Object keys in a bucket (upload.target = "s3")
+
+
+#: Placeholders of a key template: the device id, the segment id, its start (UTC)
+#: as year, month, day and hour, and the audio file's extension.
+KEY_FIELDS: Final = frozenset({"device", "segment", "yyyy", "mm", "dd", "hh", "ext"})
+#: Device first, then the time: a device's keys list in time order under its own
+#: prefix (which a per-device write policy names), and devices spread across prefixes.
+DEFAULT_KEY_TEMPLATE: Final = "{device}/{yyyy}/{mm}/{dd}/{segment}.{ext}"
+# What the fixed text of a template may hold: the characters that need no encoding in
+# a URL (so the signed path is the path sent), and "/". Device and segment ids, the
+# other parts of a key, are made of the same.
+_KEY_TEXT = re.compile(r"^[A-Za-z0-9_./-]*$")
+_MAX_KEY_BYTES: Final = 1024
+
+
+def check_key_template(template: str) -> str | None:
+    """None if `template` makes usable object keys, else what is wrong with it."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"unbalanced braces ({exc})"
+    fields = set()
+    for text, name, spec, conversion in parts:
+        if not _KEY_TEXT.match(text):
+            bad = next(ch for ch in text if not _KEY_TEXT.match(ch))
+            return (f"character {bad!r} is not allowed in an object key; expected letters, "
+                    "digits, '_', '.', '-' and '/'")
+        if name is None:
+            continue
+        if spec or conversion:
+            return f"{{{name}}} takes no format, expected a bare {{{name}}}"
+        if name not in KEY_FIELDS:
+            return (f"unknown placeholder {{{name}}}; expected "
+                    + ", ".join(f"{{{f}}}" for f in sorted(KEY_FIELDS)))
+        fields.add(name)
+    if "segment" not in fields:
+        return "expected a {segment} placeholder (each segment needs a key of its own)"
+    sample = segment_key(template, "d" * 64, "20261124T053000.000Z-3f9a1c2b", "opus")
+    if sample.startswith("/") or "//" in sample or any(
+            p in (".", "..") for p in sample.split("/")):
+        return "expected a key without a leading '/', an empty part or a '.' or '..' part"
+    if len(sample.encode()) + len(".json") > _MAX_KEY_BYTES:
+        return f"keys would be longer than {_MAX_KEY_BYTES} bytes"
+    return None
+
+
+# Bucket names as every store takes them: 3 to 63 lower-case letters, digits, "."
+# and "-", starting and ending with a letter or digit.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z0-9-]{1,32}$")
+
+
+def check_s3_target(endpoint: str, region: str, bucket: str, addressing: str,
+                    key_template: str) -> list[tuple[str, str]]:
+    """What is wrong with an object-storage target, as (setting, problem) pairs."""
+    problems = []
+    host = ""
+    if endpoint:
+        m = re.fullmatch(r"https?://(\[[0-9a-fA-F:.]+\]|[^/\s?#@:\[\]]+)(:[0-9]{1,5})?/?",
+                         endpoint)
+        if m is None:
+            problems.append(("endpoint", "expected the http:// or https:// URL of the store, "
+                                         "without a path (empty: AWS S3)"))
+        host = m.group(1).strip("[]") if m else ""
+    if not _REGION.fullmatch(region):
+        problems.append(("region", 'expected a region such as "us-east-1"'))
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        problems.append(("bucket", 'expected a bucket name: 3 to 63 lower-case letters, '
+                                   'digits, "." or "-"'))
+    if addressing == "virtual" and re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]*:[0-9a-fA-F:.]*", host):
+        problems.append(("addressing", '"virtual" puts the bucket into the host name, which '
+                                       'an IP address cannot take; expected "path"'))
+    if (problem := check_key_template(key_template)) is not None:
+        problems.append(("key_template", problem))
+    return problems
+
+
+def segment_key(template: str, device: str, segment_id: str, ext: str) -> str:
+    """The object key of a segment: `template` filled in. The time comes from the
+    segment id (its start, UTC), so a segment's key never changes between attempts."""
+    return template.format(device=device, segment=segment_id, ext=ext,
+                           yyyy=segment_id[0:4], mm=segment_id[4:6], dd=segment_id[6:8],
+                           hh=segment_id[9:11])
 
 
 # ----------------------------------------------------------------------------

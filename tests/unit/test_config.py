@@ -233,8 +233,25 @@ def test_set_keeps_the_file_mode(cfg_file: Path, capsys: pytest.CaptureFixture[s
 # ----------------------------------------------------------------------------
 # The file stays the person's: comments on every key, edits that keep theirs
 
-SECTIONS = {f.encode_name: typing.get_type_hints(AgentConfig)[f.name]
-            for f in msgspec.structs.fields(AgentConfig)}
+def tables(cls: type[msgspec.Struct], prefix: str = "") -> dict[str, type[msgspec.Struct]]:
+    """Every table of the schema by its TOML name, sub-tables (``upload.s3``) too."""
+    out: dict[str, type[msgspec.Struct]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in msgspec.structs.fields(cls):
+        sub = hints[f.name]
+        if isinstance(sub, type) and issubclass(sub, msgspec.Struct):
+            out[f"{prefix}{f.encode_name}"] = sub
+            out.update(tables(sub, f"{prefix}{f.encode_name}."))
+    return out
+
+
+SECTIONS = tables(AgentConfig)
+
+
+def scalar_keys(section: type[msgspec.Struct]) -> list[str]:
+    hints = typing.get_type_hints(section)
+    return [f.encode_name for f in msgspec.structs.fields(section)
+            if not (isinstance(hints[f.name], type) and issubclass(hints[f.name], msgspec.Struct))]
 
 
 def test_init_comments_every_key_and_loads_back_to_the_defaults(
@@ -251,7 +268,7 @@ def test_init_comments_every_key_and_loads_back_to_the_defaults(
         end = next((i for i, line in enumerate(body) if line.startswith("[")), len(body))
         keys = [line.split(" = ")[0] for line in body[:end] if " = " in line
                 and not line.startswith("#")]
-        assert keys == [f.encode_name for f in msgspec.structs.fields(section)]
+        assert keys == scalar_keys(section)
         for i, line in enumerate(body[:end]):
             if not line.startswith("#") and " = " in line:
                 comment = body[i - 1]
@@ -262,7 +279,8 @@ def test_init_comments_every_key_and_loads_back_to_the_defaults(
 def test_each_comment_is_one_short_line_naming_every_choice() -> None:
     for name, section in SECTIONS.items():
         hints = typing.get_type_hints(section, include_extras=True)
-        for key, description in describe(section).items():
+        for key in scalar_keys(section):
+            description = describe(section)[key]
             assert "\n" not in description and len(f"# {description}") <= 88, f"{name}.{key}"
             field_type = typing.get_args(hints[key])[0]
             for choice in typing.get_args(field_type) if typing.get_origin(
