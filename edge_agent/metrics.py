@@ -245,10 +245,11 @@ def _config_summary(parts: AgentParts) -> dict[str, Any]:
         "ring": {"seconds": c.ring.seconds},
         "stt": {"enabled": c.stt.enabled, "protocol": c.stt.protocol,
                 "url": _sanitize_url(c.stt.url), "rate": c.stt.rate,
+                "bitrate": c.stt.bitrate, "complexity": c.stt.complexity,
                 "chunking": c.stt.chunking, "token": bool(c.stt.token_file)},
         "segments": {"enabled": seg.enabled, "seconds": seg.seconds, "format": seg.format,
-                     "bitrate": seg.bitrate, "max_spool_mb": seg.max_spool_mb,
-                     "min_free_mb": seg.min_free_mb},
+                     "bitrate": seg.bitrate, "complexity": seg.complexity,
+                     "max_spool_mb": seg.max_spool_mb, "min_free_mb": seg.min_free_mb},
         "upload": {"enabled": c.upload.enabled, "url": _sanitize_url(c.upload.url),
                    "token": bool(c.upload.token_file)},
     }
