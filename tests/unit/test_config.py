@@ -108,7 +108,9 @@ def test_bad_values_get_one_line_each_naming_the_key(
 
 def test_opus_complexity_is_0_to_10_in_both_encoding_sections() -> None:
     for section in ("stt", "segments"):
-        assert validate({section: {"complexity": 0}}) != default_config()
+        for complexity in (0, 10):
+            assert getattr(validate({section: {"complexity": complexity}}),
+                           section).complexity == complexity
         with pytest.raises(ConfigError) as info:
             validate({section: {"complexity": 11}})
         assert info.value.problems == [f"{section}.complexity: expected an integer <= 10, "
