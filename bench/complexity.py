@@ -37,6 +37,7 @@ from edge_agent.audio.pcm import SampleFormat, from_float32, read_wav, to_float3
 from edge_agent.audio.resample import resample
 from edge_agent.config import SegmentsConfig, SttConfig
 from edge_agent.demo import sample_path
+from edge_agent.reference.stt import SttReceiver, word_accuracy
 from edge_agent.stt.protocols import APPLICATION as STT_APPLICATION
 from edge_agent.stt.protocols import encode_chunk
 
@@ -49,7 +50,6 @@ __all__ = [
     "opusenc_comp_args",
     "pick_complexity",
     "snr_db",
-    "word_accuracy",
 ]
 
 #: Complexity 10 (libopus's default) first: every other figure is compared with it.
@@ -191,24 +191,11 @@ def lsd_db(ref: NDArray[np.float64], dec: NDArray[np.float64], rate: int) -> flo
     return float(np.mean(np.sqrt(np.mean(diff**2, axis=1))))
 
 
-def word_accuracy(heard: str, script: str) -> float:
-    """1 - word error rate: word edits (Levenshtein) over the script's words."""
-    hyp, ref = heard.split(), script.split()
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (word != h))
-    return 1 - row[len(hyp)] / len(ref)
-
-
 class _Recogniser:
     """pocketsphinx as the reference backend runs it; the same decoded audio (as
     complexities 8 to 10 often give) is recognised once."""
 
     def __init__(self) -> None:
-        from edge_agent.reference.stt import SttReceiver
-
         self._stt = SttReceiver()
         self.available = self._stt.recognise
         self._heard: dict[str, str] = {}
@@ -264,7 +251,7 @@ def _renditions(rate: int, shifts_ms: tuple[float, ...]) -> list[NDArray[np.floa
 def _accuracies(heard: list[str | None], script: str) -> list[float] | None:
     if any(h is None for h in heard):
         return None
-    return [round(word_accuracy(h or "", script), 4) for h in heard]
+    return [round(word_accuracy(script.split(), (h or "").split()), 4) for h in heard]
 
 
 def _measure_encoder(setup: EncoderSetup, workload: NDArray[np.float32],

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 __all__ = ["COMPLEXITY_KEY_DOCS", "complexity_rows", "complexity_section", "opus_complexity"]
 
+
 def opus_complexity(cpu: dict[str, Any]) -> str:
     """The complexity both sides of the CPU comparison encoded at: the agent's
     config defaults, given to opusenc as ``--comp`` (libopus's own default, 10,
@@ -174,5 +175,7 @@ COMPLEXITY_KEY_DOCS: Final[tuple[tuple[str, str], ...]] = (
      'the recognised sample, its renditions, and its accuracy without encoding'),
     ('`complexity.max_snr_loss_db`, `complexity.max_lsd_growth_db`',
      'the fidelity a default may give up against complexity 10'),
+    ('`complexity.measured_utc`, `.wall_seconds`, `.loadavg_end`, `.cores`',
+     'when this section was measured, how long it took, and the load on the machine'),
     ('`meta.remeasured`', 'sections measured again later with `--only` (their start time)'),
 )

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bench import RESULT_KEYS, SCHEMA_VERSION, main
-from bench.complexity import aligned, lsd_db, pick_complexity, snr_db, word_accuracy
+from bench.complexity import aligned, lsd_db, pick_complexity, snr_db
 from edge_agent.config import SegmentsConfig, SttConfig
 
 needs_tools = pytest.mark.skipif(
@@ -173,13 +173,6 @@ def test_only_one_section_keeps_the_others_of_the_earlier_results(
     assert merged["meta"]["started_utc"] == earlier["meta"]["started_utc"]
     assert set(merged["meta"]["remeasured"]) == {"complexity"}
     assert "## 1. CPU" in report.read_text() and "## 8. Opus complexity" in report.read_text()
-
-
-def test_word_accuracy_counts_substitutions_insertions_and_deletions() -> None:
-    assert word_accuracy("the quick brown fox", "the quick brown fox") == 1.0
-    assert word_accuracy("the quick brown box jumps", "the quick brown fox") == 0.5
-    assert word_accuracy("quick fox", "the quick brown fox") == 0.5
-    assert word_accuracy("", "the quick brown fox") == 0.0
 
 
 def test_fidelity_is_measured_after_aligning_the_decoded_signal() -> None:
