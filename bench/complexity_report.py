@@ -18,7 +18,7 @@ def opus_complexity(cpu: dict[str, Any]) -> str:
     in runs from before the setting existed)."""
     cx = cpu.get("opus_complexity")
     if cx is None:
-        return "libopus's default complexity (10)"
+        return "libopus's default complexity 10"
     if cx["stt"] == cx["segments"]:
         return f"complexity {cx['stt']}"
     return f"complexity {cx['stt']} (STT) and {cx['segments']} (segments)"

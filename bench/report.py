@@ -508,4 +508,3 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
         if HAND_MEASURED in old:
             kept = old[old.index(HAND_MEASURED):]
     path.write_text("\n".join(lines) + ("\n" + kept if kept else ""), encoding="utf-8")
-
