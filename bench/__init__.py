@@ -1,5 +1,6 @@
 """Benchmarks of the whole agent: CPU, memory, per-chunk cost, resampling quality,
-latency, backlog drain, and what the figures imply on a Raspberry Pi.
+latency, backlog drain, what the figures imply on a Raspberry Pi, and what each
+Opus encoder complexity costs and keeps.
 
 `scripts/bench` (or ``python -m bench`` from the repository root) runs every
 measurement in one go, prints a table, writes ``bench/results.json`` and
@@ -17,8 +18,8 @@ This package is not part of the device wheel: it imports `edge_agent` as an
 installed library, and nothing in `edge_agent` imports it. One module per
 concern: `common` (schema, sizes, targets), `workload` (audio, config, capped
 source), `procs` (worker and backend processes), `cpu`, `memory`, `ring`,
-`resample`, `latency`, `drain`, `pi` (the measurements), `report` and `plots`
-(the output), `cli` (options and the run).
+`resample`, `latency`, `drain`, `pi`, `complexity` (the measurements), `report`,
+`complexity_report` and `plots` (the output), `cli` (options and the run).
 """
 
 from bench.cli import main, run_bench

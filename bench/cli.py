@@ -40,6 +40,7 @@ from bench.common import (
     cpu_model,
     loadavg,
 )
+from bench.complexity import measure_complexity
 from bench.cpu import add_realtime_cpu, agent_run, cpu_result, measure_opusenc, trio_wakeup_us
 from bench.drain import drain_result, drain_run
 from bench.latency import latency_result, latency_run
@@ -173,9 +174,13 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                   "timeout": 900}, work, "drain", 1200).finish()
             results["drain"] = drain_result(dr, sizes.drain_segment_seconds)
             series["drain"] = dr["progress"]
+        if "complexity" in todo:
+            _say("Opus complexity 10..0: encode CPU, word accuracy, fidelity")
+            results["complexity"] = measure_complexity(wav, opts.tiny)
         results["meta"]["loadavg_end"] = loadavg()
         results["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
         results["series"] = series
+        results = _with_earlier(results, opts)
         opts.results.parent.mkdir(parents=True, exist_ok=True)
         opts.results.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
         plots, note = write_plots(results, opts.report.parent)
@@ -183,6 +188,27 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         if note:
             _say(note)
     return results
+
+
+def _with_earlier(results: dict[str, Any], opts: BenchOptions) -> dict[str, Any]:
+    """With ``--only``, the sections this run did not measure kept from the earlier
+    results file (same schema and mode), so the report still shows them; the
+    earlier meta stays and notes when each section was measured again."""
+    if opts.only is None:
+        return results
+    try:
+        earlier = json.loads(opts.results.read_text(encoding="utf-8"))
+        meta = earlier["meta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return results
+    if (meta.get("schema"), meta.get("mode")) != (SCHEMA_VERSION, results["meta"]["mode"]):
+        return results
+    merged = {**earlier, **{k: v for k, v in results.items() if k not in ("meta", "series")}}
+    merged["series"] = {**earlier.get("series", {}), **results["series"]}
+    remeasured = {**meta.get("remeasured", {}),
+                  **dict.fromkeys(sorted(opts.only), results["meta"]["started_utc"])}
+    merged["meta"] = {**meta, "remeasured": remeasured}
+    return merged
 
 
 def _worker_main(kind: str) -> int:
@@ -201,14 +227,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Measure the agent: CPU against opusenc, memory over uptime, per-chunk "
-        "cost, resampling, latency, backlog drain, Pi projection. Writes results.json and "
-        "the Markdown report with plots.")
+        "cost, resampling, latency, backlog drain, Pi projection, Opus complexity. Writes "
+        "results.json and the Markdown report with plots.")
     p.add_argument("--tiny", action="store_true",
                    help="seconds of audio everywhere (CI: checks that it runs, not the numbers)")
     p.add_argument("--hours", type=float,
                    help=f"audio hours of the CPU/memory run (default {FULL.hours:g}; "
                    "tiny: 20 s)")
-    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}")
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(MEASUREMENTS)}; "
+                   "the other sections of an earlier --results file are kept")
     p.add_argument("--results", type=Path, default=Path("bench/results.json"),
                    help="where to write the JSON (default: bench/results.json)")
     p.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"),

@@ -90,6 +90,9 @@ RESULT_KEYS: Final[dict[str, tuple[str, ...]]] = {
                  "opusenc_stt_cpu_s_per_audio_hour", "opusenc_segments_cpu_s_per_audio_hour",
                  "stt_complexity", "segments_complexity", "before", "blocks", "target_ratio",
                  "ratio_met", "trio_thread_factor", "trio_factor_met", "startup"),
+    "complexity": ("audio_seconds", "passes", "rule", "max_snr_loss_db", "max_lsd_growth_db",
+                   "sample_words", "sample_shifts_ms", "uncompressed_word_accuracy",
+                   "encoders", "measured_utc", "wall_seconds"),
 }
 
 # The capture format of the CPU, memory and drain runs: what the issue specifies.
@@ -165,7 +168,7 @@ TINY = Sizes(audio_file_seconds=12, hours=20 / 3600, opusenc_reps=1, ring_short_
             ring_long_s=12 * 3600, ring_reps=20, naive_minutes=(0.5, 5),
             resample_seconds=2, latency_seconds=5, drain_segments=8,
             drain_segment_seconds=5, realtime_seconds=4, startup_reps=1)
-MEASUREMENTS: Final = ("realtime", "cpu", "ring", "resample", "latency", "drain")
+MEASUREMENTS: Final = ("realtime", "cpu", "ring", "resample", "latency", "drain", "complexity")
 
 
 def cpu_seconds() -> float:

@@ -31,6 +31,7 @@ from bench.common import (
     cpu_seconds,
     downsample,
 )
+from bench.complexity import default_complexities, opusenc_comp_args
 from bench.memory import heap_mb, peak_rss_bytes, rss_bytes
 from bench.procs import require_tool, run_tool
 from bench.workload import agent_config, capped_source
@@ -161,7 +162,8 @@ def measure_opusenc(wav: Path, work: Path, reps: int) -> dict[str, float]:
 
     STT: ``sox`` resamples and mixes to 16 kHz mono (the agent does this too, so
     it is counted), then ``opusenc --bitrate 24``; segments: ``opusenc --bitrate
-    32`` on the 48 kHz stereo file. Per audio hour, the minimum over `reps`.
+    32`` on the 48 kHz stereo file; each at the complexity the agent's encoder
+    uses by default (``--comp``). Per audio hour, the minimum over `reps`.
     """
     opusenc, sox = require_tool("opusenc"), require_tool("sox")
     with wave.open(str(wav), "rb") as w:
@@ -171,9 +173,11 @@ def measure_opusenc(wav: Path, work: Path, reps: int) -> dict[str, float]:
     for _ in range(reps):
         runs["sox"].append(run_tool([sox, "-q", str(wav), "-r", "16000", "-c", "1", "-b", "16",
                                      str(mono16)]))
-        runs["stt"].append(run_tool([opusenc, "--quiet", "--bitrate", "24", str(mono16),
+        runs["stt"].append(run_tool([opusenc, "--quiet", "--bitrate", "24",
+                                     *opusenc_comp_args("stt"), str(mono16),
                                      str(work / "stt.opus")]))
-        runs["seg"].append(run_tool([opusenc, "--quiet", "--bitrate", "32", str(wav),
+        runs["seg"].append(run_tool([opusenc, "--quiet", "--bitrate", "32",
+                                     *opusenc_comp_args("segments"), str(wav),
                                      str(work / "segments.opus")]))
     per_hour = 3600 / seconds
     return {k: min(v) * per_hour for k, v in runs.items()}
@@ -207,6 +211,7 @@ def cpu_result(run: dict[str, Any], opus: dict[str, float], backend_cpu: float,
         "lost_frames": seg.get("lost_frames", 0) + round(stt.get("seconds_lost", 0.0)
                                                          * BENCH_RATE),
         "backend_cpu_s": round(backend_cpu, 2),
+        "opus_complexity": default_complexities(),  # both sides (opusenc --comp)
     }
 
 

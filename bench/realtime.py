@@ -129,8 +129,8 @@ def measure_c_tools(mono: Path, work: Path, reps: int) -> dict[str, float]:
     ``opusenc`` for STT, ``opusenc`` for segments (the minimum over `reps`)."""
     opusenc, sox = require_tool("opusenc"), require_tool("sox")
     cfg = default_config()
-    stt_comp = getattr(cfg.stt, "complexity", 10)
-    seg_comp = getattr(cfg.segments, "complexity", 10)
+    stt_comp = cfg.stt.complexity
+    seg_comp = cfg.segments.complexity
     with wave.open(str(mono), "rb") as w:
         seconds = w.getnframes() / w.getframerate()
     mono16 = work / "rt-stt-16k.wav"

@@ -19,6 +19,12 @@ from bench.common import (
     TARGET_RATIO,
     TARGET_REJECTION_DB,
 )
+from bench.complexity_report import (
+    COMPLEXITY_KEY_DOCS,
+    complexity_rows,
+    complexity_section,
+    opus_complexity,
+)
 from bench.realtime import realtime_lines, realtime_rows
 
 __all__ = ["KEY_DOCS", "print_table", "write_report"]
@@ -78,6 +84,7 @@ def _table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("Drain: backlog", f"{d['segments']} segments in {d['drain_seconds']:.1f} s "
                      f"({d['segments_per_second']:.1f}/s), CPU {d['cpu_percent_mean']:.0f}%",
                      f"overruns {d['ring_overruns']}, all synced: {_fmt(d['all_synced'])}"))
+    rows += complexity_rows(r)
     if "pi" in r:
         for name, b in r["pi"]["boards"].items():
             rows.append((f"Pi projection: {name}", f"{b['agent_percent_of_one_core']:.0f}% of "
@@ -250,8 +257,10 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
             "The C side does the same two encodes of the same file: `sox in.wav -r 16000 -c 1` "
             "(resampling and mix-down, which the agent does too, so it is counted), "
             "`opusenc --bitrate 24` on that, and `opusenc --bitrate 32` on the 48 kHz stereo "
-            "file; CPU from `wait4` per child. Both sides use the same libopus at its default "
-            "complexity (10).",
+            "file; CPU from `wait4` per child. Both sides use the same libopus, at "
+            f"{opus_complexity(c)}"
+            + (", the agent's config defaults (`opusenc --comp`)." if "opus_complexity" in c
+               else "."),
             "",
             "| | CPU s per audio hour |",
             "|---|---|",
@@ -329,7 +338,8 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
             lines += [
                 f"**Not 12 h in this run.** The whole agent costs about "
                 f"{results['cpu']['agent_cpu_s_per_audio_hour']:.0f} CPU s per audio hour "
-                "here (two real Opus encodes at complexity 10), so 12 h of audio take about "
+                f"here (two real Opus encodes at {opus_complexity(results['cpu'])}), so 12 h "
+                "of audio take about "
                 f"{12 * results['cpu']['agent_cpu_s_per_audio_hour'] / 60:.0f} CPU minutes: "
                 "more than the 10-minute budget of the whole benchmark on 2 shared cores. "
                 "The run covers what fits; the 12 h figure above is the slope projected. "
@@ -497,13 +507,14 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
         lines += ["", "The maximum real-time load is how many such streams' worth of work "
                   "the board could carry: one core over the Trio thread's share, and all "
                   "cores over the whole agent's share, whichever is smaller. Most of the "
-                  "cost is the two Opus encodes at complexity 10 on 48 kHz stereo; a mono "
-                  "microphone or a lower encoder complexity would cut it (not measured "
-                  "here).", ""]
+                  f"cost is the two Opus encodes at {opus_complexity(results.get('cpu', {}))} "
+                  "on 48 kHz stereo; a mono microphone would cut it, and section 8 measures "
+                  "what each encoder complexity costs and keeps.", ""]
+    lines += complexity_section(results)
     lines += ["## `bench/results.json`", "",
               "Stable keys, so a later run can be compared with this one "
               f"(schema {SCHEMA_VERSION}):", "", "| key | meaning |", "|---|---|",
-              *(f"| {k} | {m} |" for k, m in KEY_DOCS), ""]
+              *(f"| {k} | {m} |" for k, m in (*KEY_DOCS, *COMPLEXITY_KEY_DOCS)), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     # Figures measured by other means (the API load test) follow a marker; a
     # regenerated report keeps them as they are.

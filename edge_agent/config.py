@@ -137,6 +137,10 @@ class SttConfig(_Section):
         "Sample rate of the audio sent (Hz)"))] = 16000
     bitrate: Annotated[int, Meta(ge=6000, le=256000, description=(
         "Opus bit rate of the audio sent (bit/s)"))] = 24000
+    # Defaults of both complexities: chosen by the rule of docs/benchmarks.md, section 8.
+    complexity: Annotated[int, Meta(ge=0, le=10, description=(
+        "Opus encoder complexity: 0 (least CPU) to 10 (most quality per bit)"
+    ))] = 0
     chunking: Annotated[Literal["fixed", "vad"], Meta(description=(
         '"vad": cut at pauses in speech, send no silence; "fixed": cut every chunk_seconds'
     ))] = "vad"
@@ -183,6 +187,9 @@ class SegmentsConfig(_Section):
         'Segment format: "opus", "flac" (Ogg FLAC) or "wav"'))] = "opus"
     bitrate: Annotated[int, Meta(ge=6000, le=256000, description=(
         "Opus bit rate (bit/s)"))] = 32000
+    complexity: Annotated[int, Meta(ge=0, le=10, description=(
+        "Opus encoder complexity: 0 (least CPU) to 10 (most quality per bit)"
+    ))] = 7
     fsync_seconds: Annotated[float, Meta(gt=0, le=600, description=(
         "How often the open segment is flushed to disk: what a crash can lose (seconds)"
         ))] = 5.0

@@ -178,9 +178,10 @@ class _OpusEncoder:
     """Ogg Opus through libopusenc; int16 and float32 blocks go in as they are."""
 
     def __init__(self, rate: int, channels: int, bitrate: int, application: str,
-                 comments: dict[str, str], max_page_delay_ms: int) -> None:
+                 comments: dict[str, str], max_page_delay_ms: int, complexity: int) -> None:
         self._enc = OggOpusEncoder(rate, channels, bitrate=bitrate, application=application,
-                                   comments=comments, max_page_delay_ms=max_page_delay_ms)
+                                   comments=comments, max_page_delay_ms=max_page_delay_ms,
+                                   complexity=complexity)
 
     def start(self) -> bytes:
         return self._enc.flush()
@@ -276,7 +277,7 @@ class _Mp3Encoder:
 def make_encoder(fmt: str, rate: int, channels: int, layout: PcmLayout | SampleFormat, *,
                  bitrate: int = 32000, application: str = "audio",
                  comments: dict[str, str] | None = None, max_page_delay_ms: int = 1000,
-                 mp3_kbps: int | None = None,
+                 complexity: int = 10, mp3_kbps: int | None = None,
                  wav_data_bytes: int | None = None,
                  wav_sizes: Literal["finish", "durable"] = "finish") -> StreamEncoder:
     """A streaming encoder of ``fmt`` (one of `ENCODER_FORMATS`).
@@ -286,8 +287,9 @@ def make_encoder(fmt: str, rate: int, channels: int, layout: PcmLayout | SampleF
         rate, channels: of the blocks written (no resampling or mixing here).
         layout: the sample format written by ``pcm``/``wav``/``flac`` (a bare
             `SampleFormat` means unpacked); blocks of other dtypes are converted.
-        bitrate, application, comments, max_page_delay_ms: Opus settings (libopusenc;
-            a live stream wants pages out sooner than a file does).
+        bitrate, application, comments, max_page_delay_ms, complexity: Opus settings
+            (libopusenc; a live stream wants pages out sooner than a file does;
+            complexity 0..10 trades CPU for quality at the bit rate).
         mp3_kbps: MP3 bitrate; None picks `mp3_default_kbps`.
         wav_data_bytes, wav_sizes: how a WAV header gets its sizes (see `_WavEncoder`).
 
@@ -299,7 +301,7 @@ def make_encoder(fmt: str, rate: int, channels: int, layout: PcmLayout | SampleF
     if fmt == "opus":
         return _OpusEncoder(rate, channels, bitrate, application,
                             comments if comments is not None else {"ENCODER": "edge-agent"},
-                            max_page_delay_ms)
+                            max_page_delay_ms, complexity)
     if fmt == "flac":
         return _FlacEncoder(rate, channels, layout.sample_format)
     if fmt == "wav":

@@ -46,6 +46,7 @@ from .pcm import to_float32
 
 __all__ = [
     "APPLICATIONS",
+    "COMPLEXITIES",
     "DECODE_RATE",
     "FRAME_MS",
     "DecodedOpus",
@@ -64,11 +65,14 @@ APPLICATIONS: Final = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
 FRAME_MS: Final = (2.5, 5, 10, 20, 40, 60)
 #: The rate libopusfile always decodes to.
 DECODE_RATE: Final = 48000
+#: Encoder complexities libopus takes: 0 costs least CPU, 10 (its default) keeps most.
+COMPLEXITIES: Final = range(11)
 
 # OPUS_FRAMESIZE_2_5_MS .. OPUS_FRAMESIZE_60_MS
 _FRAME_REQUESTS: Final = dict(zip(FRAME_MS, range(5001, 5007), strict=True))
 _OPUS_SET_APPLICATION: Final = 4000
 _OPUS_SET_BITRATE: Final = 4002
+_OPUS_SET_COMPLEXITY: Final = 4010
 _OPUS_SET_EXPERT_FRAME_DURATION: Final = 4040
 _OPE_SET_DECISION_DELAY: Final = 14000
 _OPE_SET_MUXING_DELAY: Final = 14002
@@ -143,6 +147,8 @@ class OggOpusEncoder:
         serial: Ogg stream serial number; random when None.
         max_page_delay_ms: longest audio span held in one unfinished page
             before it is emitted.
+        complexity: a value of :data:`COMPLEXITIES`: the CPU libopus may spend
+            per frame to get more quality out of the bit rate.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -160,6 +166,7 @@ class OggOpusEncoder:
         comments: dict[str, str] | None = None,
         serial: int | None = None,
         max_page_delay_ms: int = 1000,
+        complexity: int = 10,
     ) -> None:
         self._enc: Any = None
         if rate <= 0:
@@ -178,6 +185,8 @@ class OggOpusEncoder:
             raise ValueError(f"serial must be 0..2**32-1, got {serial}")
         if max_page_delay_ms < 0:
             raise ValueError(f"max_page_delay_ms must be >= 0, got {max_page_delay_ms}")
+        if complexity not in COMPLEXITIES:
+            raise ValueError(f"complexity must be 0..10, got {complexity}")
         for tag in comments or {}:
             if not tag or "=" in tag or not tag.isascii():
                 raise ValueError(f"comments: invalid tag name {tag!r}")
@@ -219,6 +228,7 @@ class OggOpusEncoder:
             serial = random.getrandbits(32)
         self._ctl("application", _OPUS_SET_APPLICATION, APPLICATIONS[application])
         self._ctl("bitrate", _OPUS_SET_BITRATE, bitrate)
+        self._ctl("complexity", _OPUS_SET_COMPLEXITY, complexity)
         self._ctl("frame_ms", _OPUS_SET_EXPERT_FRAME_DURATION, _FRAME_REQUESTS[frame_ms])
         self._ctl("max_page_delay_ms", _OPE_SET_MUXING_DELAY, max_page_delay_ms * 48)
         self._ctl("decision delay", _OPE_SET_DECISION_DELAY, 0)

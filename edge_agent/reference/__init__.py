@@ -24,7 +24,7 @@ from .segments import (
     read_stored_segment,
     segment_routes,
 )
-from .stt import MAX_STT_CHUNK_BYTES, SttChunkRecord, SttReceiver, stt_routes
+from .stt import MAX_STT_CHUNK_BYTES, SttChunkRecord, SttReceiver, stt_routes, word_accuracy
 
 __all__ = [
     "MAX_SEGMENT_BYTES",
@@ -44,4 +44,5 @@ __all__ = [
     "segment_routes",
     "store_routes",
     "stt_routes",
+    "word_accuracy",
 ]

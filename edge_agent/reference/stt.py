@@ -27,6 +27,7 @@ import logging
 import re
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,7 +44,7 @@ from ..blocking import ThreadRunner
 from ..wire import DEVICE_ID_PATTERN
 from .hooks import FaultSource, common_faults
 
-__all__ = ["MAX_STT_CHUNK_BYTES", "SttChunkRecord", "SttReceiver", "stt_routes"]
+__all__ = ["MAX_STT_CHUNK_BYTES", "SttChunkRecord", "SttReceiver", "stt_routes", "word_accuracy"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,17 @@ class SttReceiver:
     async def run(self, ogg: bytes) -> tuple[float, str]:
         """`transcribe` in a worker thread."""
         return await self._runner.run(self.transcribe, ogg)
+
+
+def word_accuracy(script: Sequence[str], heard: Sequence[str]) -> float:
+    """How well `heard` words match the `script`: 1 - word error rate, the word-level
+    edit distance (substitutions, insertions, deletions) over the script's length."""
+    row = list(range(len(heard) + 1))
+    for i, word in enumerate(script, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(heard, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (word != h))
+    return 1.0 - row[-1] / len(script)
 
 
 def _stt_error(status: int, message: str, protocol: str) -> Response:

@@ -180,7 +180,8 @@ class Spool:
         tags = {"ENCODER": "edge-agent", "DEVICE": self.device_id, "SEGMENT": seg_id,
                 "DATE": iso_utc(start_ts)}
         encoder = make_encoder(fmt, rate, channels, sfmt, bitrate=self.config.bitrate,
-                               comments=tags, wav_sizes="durable")
+                               complexity=self.config.complexity, comments=tags,
+                               wav_sizes="durable")
         writer = SegmentWriter(self.fs, self.files.tmp(seg_id), header, encoder,
                                self.config.fsync_seconds,
                                on_fsync_failure=self._count_fsync_failure)

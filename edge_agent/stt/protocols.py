@@ -49,11 +49,11 @@ APPLICATION: Final = "voip"  # libopus tuned for speech intelligibility
 _RETRYABLE_STATUS: Final = frozenset({408, 425, 429})
 
 
-def encode_chunk(pcm: NDArray[np.int16], rate: int, bitrate: int) -> bytes:
+def encode_chunk(pcm: NDArray[np.int16], rate: int, bitrate: int, complexity: int) -> bytes:
     """A cut's 16-bit mono PCM as one complete, independently decodable Ogg Opus
     file (blocking: call it from a worker thread)."""
     enc = make_encoder("opus", rate, 1, SampleFormat.INT16, bitrate=bitrate,
-                       application=APPLICATION, comments={})
+                       application=APPLICATION, comments={}, complexity=complexity)
     return encode_whole(enc, pcm)
 
 

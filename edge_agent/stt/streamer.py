@@ -351,7 +351,8 @@ class SttStreamer:
         synced = ring.anchor_at(index).synced
         duration = len(cut.pcm) / cfg.rate
         with trio.CancelScope(shield=True):  # a cut being encoded is not lost to a restart
-            ogg = await self._encode_runner.run(encode_chunk, cut.pcm, cfg.rate, cfg.bitrate)
+            ogg = await self._encode_runner.run(encode_chunk, cut.pcm, cfg.rate, cfg.bitrate,
+                                                cfg.complexity)
         chunk = Chunk(self._seq, start_utc, duration, synced, ogg, trio.current_time())
         self._seq += 1
         self.stats.chunks_cut += 1

@@ -214,6 +214,9 @@ async def test_status_has_ring_span_input_level_and_no_secrets(tmp_path: Path) -
         assert body["input"]["rms_dbfs"] == pytest.approx(rms, abs=0.01)
         assert body["capture"]["frames"] == AUDIO_SECONDS * RATE
         assert body["config"]["api"]["listen"] == "127.0.0.1:0"
+        config = s.agent.config  # the Opus settings in effect, the encoders' cost
+        assert body["config"]["segments"]["complexity"] == config.segments.complexity
+        assert body["config"]["stt"]["complexity"] == config.stt.complexity
         assert TOKEN not in json.dumps(body)
         assert "token_file" not in json.dumps(body["config"])
 

@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench import RESULT_KEYS, SCHEMA_VERSION, main
+from bench.complexity import aligned, lsd_db, pick_complexity, snr_db
+from edge_agent.config import SegmentsConfig, SttConfig
 
 needs_tools = pytest.mark.skipif(
     shutil.which("opusenc") is None or shutil.which("sox") is None,
@@ -120,3 +123,82 @@ def test_bad_arguments_get_one_clear_line(capsys: pytest.CaptureFixture[str]) ->
     assert "--only: unknown measurement(s) speed; expected some of cpu, ring" in err
     assert main(["--hours", "0"]) == 2
     assert "--hours: expected a number of hours in (0, 48], got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Section 8: Opus complexity
+
+
+@pytest.mark.slow
+@needs_tools
+def test_tiny_run_measures_what_each_complexity_costs_and_keeps(
+    tiny_run: tuple[dict[str, Any], Path, str],
+) -> None:
+    results, out, stdout = tiny_run
+    x = results["complexity"]
+    assert set(x["encoders"]) == {"stt", "segments"}
+    for name, e in x["encoders"].items():
+        rows = {row["complexity"]: row for row in e["rows"]}
+        assert list(rows) == [10, 5, 0] and e["chosen"] in rows
+        assert all(row["cpu_s_per_audio_hour"] > 0 and row["kbit_s"] > 0 for row in e["rows"])
+        # Decoded speech resembles what went in (a misaligned or garbled decode
+        # would be near 0 dB), and the setting reaches the encoder.
+        assert all(row["snr_db"] > 5 for row in e["rows"]), name
+        assert rows[0]["snr_db"] != rows[10]["snr_db"]
+        if x["uncompressed_word_accuracy"] is not None:  # pocketsphinx is installed
+            assert rows[10]["word_accuracy"] >= 0.5, "the encoded sample is recognised"
+    defaults = {"stt": SttConfig().complexity, "segments": SegmentsConfig().complexity}
+    assert {n: e["config_default"] for n, e in x["encoders"].items()} == defaults
+    assert results["cpu"]["opus_complexity"] == defaults  # opusenc ran at the same
+    report = (out / "docs" / "benchmarks.md").read_text()
+    assert "## 8. Opus complexity" in report and "The rule for a default:" in report
+    assert "`complexity.encoders.<stt,segments>.rows[]`" in report
+    assert "Opus complexity: stt" in stdout
+
+
+@pytest.mark.slow
+def test_only_one_section_keeps_the_others_of_the_earlier_results(
+    tiny_run: tuple[dict[str, Any], Path, str], tmp_path: Path,
+) -> None:
+    earlier, _, _ = tiny_run
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(earlier))
+    report = tmp_path / "benchmarks.md"
+    assert main(["--tiny", "--only", "complexity", "--results", str(results),
+                 "--report", str(report)]) == 0
+    merged = json.loads(results.read_text())
+    for section in ("cpu", "memory", "ring", "resample", "latency", "drain", "pi", "series"):
+        assert merged[section] == earlier[section], section
+    assert merged["complexity"]["measured_utc"] != earlier["complexity"]["measured_utc"]
+    assert merged["meta"]["started_utc"] == earlier["meta"]["started_utc"]
+    assert set(merged["meta"]["remeasured"]) == {"complexity"}
+    assert "## 1. CPU" in report.read_text() and "## 8. Opus complexity" in report.read_text()
+
+
+def test_fidelity_is_measured_after_aligning_the_decoded_signal() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.normal(0, 0.1, 16000).astype(np.float32)
+    late = np.concatenate([np.zeros(7, np.float32), ref])  # a codec's delay
+    r, d = aligned(ref, late, 16000)
+    assert snr_db(r, d) > 100 and lsd_db(r, d, 16000) < 0.01
+    noisy = late + rng.normal(0, 0.01, late.shape).astype(np.float32)  # 20 dB below
+    assert snr_db(*aligned(ref, noisy, 16000)) == pytest.approx(20, abs=0.5)
+
+
+def _row(c: int, words: float, snr: float, lsd: float) -> dict[str, Any]:
+    return {"complexity": c, "word_accuracy": words, "snr_db": snr, "lsd_db": lsd}
+
+
+def test_the_rule_picks_the_lowest_complexity_that_keeps_fidelity_and_words() -> None:
+    # Fidelity holds down to 4 (3 loses 1.5 dB of SNR); 4 recognises fewer words than
+    # 10, 5 as many: 5. A word lost at 7 does not stop the search, since single
+    # figures of the recogniser swing; fidelity lost at 3 does, even if 2 were better.
+    rows = [_row(10, 0.80, 20.0, 6.0), _row(9, 0.80, 20.0, 6.0), _row(8, 0.80, 19.8, 6.1),
+            _row(7, 0.75, 19.5, 6.2), _row(6, 0.85, 19.4, 6.3), _row(5, 0.80, 19.2, 6.4),
+            _row(4, 0.79, 19.1, 6.5), _row(3, 0.90, 18.5, 6.5), _row(2, 0.90, 20.0, 6.0)]
+    assert pick_complexity(rows) == 5
+    rows[6]["lsd_db"] = 6.6  # 4 now adds 0.6 dB of LSD: the search stops above it
+    assert pick_complexity(rows) == 5
+    rows[5]["lsd_db"] = 6.6
+    assert pick_complexity(rows) == 6
+    assert pick_complexity(rows[:1]) == 10

@@ -25,7 +25,7 @@ from edge_agent.agent import Agent
 from edge_agent.audio.pcm import read_wav
 from edge_agent.config import validate
 from edge_agent.demo import sample_path
-from edge_agent.reference import Backend, SttReceiver, run_backend
+from edge_agent.reference import Backend, SttReceiver, run_backend, word_accuracy
 from edge_agent.stt import read_transcripts
 
 pytest.importorskip("pocketsphinx")
@@ -35,16 +35,6 @@ pytestmark = pytest.mark.slow
 #: Measured on this sample: PCM ~83-96 %, 24 kbit/s Opus ~83-92 %; one word is
 #: 4 points, and pocketsphinx flips a word or two on tiny input changes.
 MARGIN = 0.10
-
-
-def word_accuracy(reference: list[str], hypothesis: list[str]) -> float:
-    """1 - WER: word-level Levenshtein distance over the reference length."""
-    row = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        diagonal, row[0] = row[0], i
-        for j, hyp in enumerate(hypothesis, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (ref != hyp))
-    return 1.0 - row[-1] / len(reference)
 
 
 def test_word_accuracy_counts_edits() -> None:

@@ -30,8 +30,9 @@ import trio.testing
 
 from edge_agent.agent import Agent
 from edge_agent.api import decode_segment
-from edge_agent.audio.opus import decode_ogg_opus_file
-from edge_agent.audio.pcm import read_wav
+from edge_agent.audio.encoders import encode_whole, make_encoder
+from edge_agent.audio.opus import decode_ogg_opus, decode_ogg_opus_file
+from edge_agent.audio.pcm import SampleFormat, read_wav
 from edge_agent.blocking import InlineRunner
 from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
@@ -130,6 +131,23 @@ async def test_segments_are_aligned_contiguous_and_hold_every_frame_once(
     assert [p.stem for p in (tmp_path / "sealed").iterdir()] != []
     assert_clean(tmp_path)
     assert rig.spool.healthy
+
+
+async def test_segments_are_encoded_at_the_configured_complexity(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    rig = Rig(tmp_path, complexity=0)
+    await run_segmenter(rig, lambda: rig.feed(4.0))
+    first = next(m for m, _ in rig.spool.list(newest_first=False))
+    segment = decode_ogg_opus_file(rig.spool.audio_path(first.id)).pcm
+
+    def encoded_at(complexity: int) -> np.ndarray:
+        enc = make_encoder("opus", rig.rate, 1, SampleFormat.INT16,
+                           bitrate=rig.config.bitrate, complexity=complexity)
+        return decode_ogg_opus(encode_whole(enc, rig.fed_signal()[:first.frames])).pcm
+
+    np.testing.assert_array_equal(segment, encoded_at(0))
+    assert not np.array_equal(segment, encoded_at(10))
 
 
 @pytest.mark.parametrize("stop_after_blocks", [101, 113, 127, 240, 251])

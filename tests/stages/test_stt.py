@@ -34,6 +34,7 @@ from edge_agent.stt import (
     VadChunker,
     read_transcripts,
 )
+from edge_agent.stt.protocols import encode_chunk
 from edge_agent.stt.vad import EnergyVad, WebRtcVad
 
 RATE = 16000
@@ -425,6 +426,27 @@ async def test_wire_formats_of_the_three_protocols(
     for r in (deepgram, raw):  # the body is a complete Ogg Opus file of the chunk
         decoded = decode_ogg_opus(r.content)
         assert decoded.input_rate == RATE and abs(decoded.seconds - 1.0) < 0.01
+
+
+async def test_chunks_are_encoded_at_the_configured_complexity(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sent: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return ok()
+
+    s = streamer(tmp_path, stt_cfg(complexity=0), handler)
+    write_seconds(s, 1.0)
+    await run_until_idle(s)
+    [chunk] = [decode_ogg_opus(body).pcm for body in sent]
+
+    def encoded_at(complexity: int) -> np.ndarray:
+        return decode_ogg_opus(encode_chunk(tone(1.0), RATE, 24000, complexity)).pcm
+
+    np.testing.assert_array_equal(chunk, encoded_at(0))
+    assert not np.array_equal(chunk, encoded_at(10))
 
 
 # ----------------------------------------------------------------------------

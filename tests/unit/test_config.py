@@ -106,6 +106,17 @@ def test_bad_values_get_one_line_each_naming_the_key(
     ]
 
 
+def test_opus_complexity_is_0_to_10_in_both_encoding_sections() -> None:
+    for section in ("stt", "segments"):
+        for complexity in (0, 10):
+            assert getattr(validate({section: {"complexity": complexity}}),
+                           section).complexity == complexity
+        with pytest.raises(ConfigError) as info:
+            validate({section: {"complexity": 11}})
+        assert info.value.problems == [f"{section}.complexity: expected an integer <= 10, "
+                                       "got 11"]
+
+
 def test_rules_across_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         validate({"capture": {"source": "file"}, "upload": {"enabled": True, "url": "ftp://x"}})

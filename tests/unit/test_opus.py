@@ -15,14 +15,16 @@ import pytest
 from edge_agent.audio.ogg import last_complete_page_end, ogg_crc32
 from edge_agent.audio.opus import (
     APPLICATIONS,
+    COMPLEXITIES,
     FRAME_MS,
     OggOpusEncoder,
     OpusError,
     decode_ogg_opus,
     decode_ogg_opus_file,
 )
-from edge_agent.audio.pcm import SampleFormat, from_float32
+from edge_agent.audio.pcm import SampleFormat, from_float32, read_wav
 from edge_agent.audio.resample import resample
+from edge_agent.demo import sample_path
 
 from support.signals import encode_ogg_opus
 
@@ -287,6 +289,8 @@ def test_write_after_finish_or_close_raises() -> None:
         ({"serial": -1}, "serial"),
         ({"max_page_delay_ms": -5}, "max_page_delay_ms"),
         ({"comments": {"A=B": "x"}}, "comments"),
+        ({"complexity": 11}, "complexity"),
+        ({"complexity": -1}, "complexity"),
     ],
 )
 def test_bad_encoder_arguments_are_named(kwargs: dict[str, object], match: str) -> None:
@@ -302,6 +306,18 @@ def test_every_frame_size_and_application_encodes(frame_ms: float) -> None:
     for application in APPLICATIONS:
         dec = decode_ogg_opus(encode_ogg_opus(x, 48000, frame_ms=frame_ms, application=application))
         assert abs(dec.pcm.shape[0] - x.shape[0]) <= FRAME_48K
+
+
+def test_complexity_changes_the_encoding_and_every_setting_decodes_in_full() -> None:
+    speech, rate = read_wav(sample_path())
+    decoded = {c: decode_ogg_opus(encode_ogg_opus(speech, rate, complexity=c, serial=1)).pcm
+               for c in COMPLEXITIES}
+    assert all(len(pcm) == len(speech) * 48000 // rate for pcm in decoded.values())
+    # The setting reaches libopus: the least effort encodes the speech differently...
+    assert not np.array_equal(decoded[0], decoded[10])
+    # ...and without one the encoder keeps libopus's own default, 10.
+    default = decode_ogg_opus(encode_ogg_opus(speech, rate, serial=1)).pcm
+    np.testing.assert_array_equal(default, decoded[10])
 
 
 def test_block_shape_must_match_channels() -> None:
