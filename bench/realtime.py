@@ -69,6 +69,33 @@ def realtime_config(data_dir: Path, wav: Path, backend_url: str, block_ms: int) 
     })
 
 
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of each thread of this process so far, by thread id, with its name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _by_name(a: dict[int, tuple[str, float]], b: dict[int, tuple[str, float]],
+             hours: float) -> dict[str, float]:
+    """CPU per audio hour between two `thread_cpu` readings, summed by thread name
+    (numbers stripped: "Trio thread 3" counts as "Trio thread")."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for tid, (name, cpu) in b.items():
+        base = re.sub(r"[ _-]?\d+$", "", name) or name
+        out[base] += (cpu - a.get(tid, (name, 0.0))[1]) / hours
+    return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
 class WakeCounter(trio.abc.Instrument):
     """Counts each task's steps (every time Trio runs it) and the Trio thread's
     returns from waiting for I/O (every time the thread was woken)."""
@@ -98,6 +125,7 @@ async def realtime_run(p: dict[str, Any]) -> dict[str, Any]:
 
     def snapshot() -> dict[str, Any]:
         return {"cpu": cpu_seconds(), "thread": time.thread_time(), "frames": ring.head,
+                "threads": thread_cpu(),
                 "steps": dict(counter.steps), "wakes": counter.thread_wakes,
                 "capture_wakes": source.stats.wakeups, "wall": time.monotonic()}
 
@@ -119,6 +147,7 @@ async def realtime_run(p: dict[str, Any]) -> dict[str, Any]:
             "trio_thread_wakes_per_s": round((b["wakes"] - a["wakes"]) / wall, 1),
             "capture_wakes_per_s": round((b["capture_wakes"] - a["capture_wakes"]) / wall, 1),
             "task_steps_per_s": busy,
+            "thread_cpu_s_per_audio_hour": _by_name(a["threads"], b["threads"], seconds / 3600),
             "stt": {"chunks_sent": agent.stt.statistics().chunks_sent if agent.stt else 0},
             "segments_sealed": agent.segmenter.stats.segments_sealed if agent.segmenter else 0}
 
@@ -206,6 +235,7 @@ def realtime_result(runs: dict[int, dict[str, Any]], c_tools: dict[str, float],
             "trio_thread_wakes_per_s": run["trio_thread_wakes_per_s"],
             "capture_wakes_per_s": run["capture_wakes_per_s"],
             "task_steps_per_s": run["task_steps_per_s"],
+            "thread_cpu_s_per_audio_hour": run.get("thread_cpu_s_per_audio_hour", {}),
             "stt_chunks_sent": run["stt"]["chunks_sent"],
             "segments_sealed": run["segments_sealed"],
         }
@@ -294,6 +324,11 @@ def realtime_lines(r: dict[str, Any]) -> list[str]:
     ]
     d = r["blocks"][str(BLOCKS_MS[0])]
     lines += [f"| `{k}` | {v:.1f} |" for k, v in list(d["task_steps_per_s"].items())[:12]]
+    if d.get("thread_cpu_s_per_audio_hour"):
+        lines += ["", "CPU s per audio hour by thread at the default block (the Trio thread is "
+                  "the process's main thread; encoders run in Trio's worker threads):", "",
+                  "| thread | CPU s per audio hour |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.1f} |" for k, v in d["thread_cpu_s_per_audio_hour"].items()]
     if "startup" in r:
         s = r["startup"]
         lines += ["", "Start-up (CPU seconds, the least of several runs): "

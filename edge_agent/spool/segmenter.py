@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -97,7 +98,7 @@ class Segmenter:
 
     def __init__(self, ring: AudioRing, spool: Spool, config: SegmentsConfig, *,
                  backoff: Backoff | None = None, runner: ThreadRunner | None = None,
-                 batch_seconds: float = 0.25, seal_grace: float = 3.5,
+                 batch_seconds: float = 1.0, seal_grace: float = 3.5,
                  max_write_seconds: float = 10.0) -> None:
         self.ring = ring
         self.spool = spool
@@ -141,7 +142,7 @@ class Segmenter:
                 # One wake-up per batch (the capture thread wakes Trio only when a
                 # reader's wait is met); a mic gone quiet still gets its fsync.
                 with trio.move_on_after(self.config.fsync_seconds) as idle:
-                    await reader.wait(batch)
+                    await reader.wait(self._wanted(batch))
                 if idle.cancelled_caught and reader.lag <= 0:
                     await self._idle_sync()
                     continue
@@ -181,6 +182,15 @@ class Segmenter:
             log.error("segment not sealed within %.1f s; it is recovered on the next start",
                       self.seal_grace)
         self._count_unwritten()
+
+    def _wanted(self, batch: int) -> int:
+        """Frames to wait for: a batch, or fewer when the open segment's boundary
+        comes sooner, so a segment is sealed as soon as its last frame is captured."""
+        seg, reader = self._open, self._reader
+        if seg is None or reader is None or self.ring.head == 0:
+            return batch
+        left = (seg.end_mono - self.ring.index_to_mono(reader.cursor)) * self.ring.rate
+        return max(1, min(batch, math.ceil(left) + 1))
 
     def _count_unwritten(self) -> None:
         """At the end of a run: captured audio the segmenter never got to write (the

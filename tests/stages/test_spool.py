@@ -198,8 +198,9 @@ async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
     rig.segmenter.seal_grace = 2.0
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.segmenter.run)
-        await rig.feed(20.0, paced=False)
-        await trio.sleep(1.0)
+        await rig.feed(2.0)  # the first two seconds at real time: encoded as they come
+        await rig.feed(18.0, paced=False)  # then the source runs ahead
+        await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert rig.segmenter.stats.shutdown_lost_frames == 0
     assert "sealing the rest as WAV" in caplog.text

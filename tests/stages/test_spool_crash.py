@@ -111,14 +111,14 @@ def check_invariants(root: Path, rig: Rig, acks: Acks, mode: str, fmt: str) -> s
         assert held == rig.ring.head, "a single failed operation lost audio"
         return "complete"
     # Audio the segmenter had taken from the ring and lost to the crash: at most the
-    # batch in flight (0.25 s and a block), plus for Opus what the encoder held (one
+    # batch in flight (a batch and a block), plus for Opus what the encoder held (one
     # page) and after a power cut one fsync interval; for WAV, whose header records
     # what is durable, one fsync interval, two after a power cut. (An fsync comes
     # with the first batch after it is due, so an interval may be a batch longer.)
     reader = rig.segmenter._reader
     assert reader is not None
     consumed = reader.cursor
-    batch = RATE // 4 + RATE // 50
+    batch = round(rig.segmenter.batch_seconds * RATE) + RATE // 50
     interval = round(FSYNC_SECONDS * RATE) + batch
     intervals = (mode == "powercut") + (fmt == "wav")
     page = RATE + 400 if fmt == "opus" else 0
