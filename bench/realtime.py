@@ -39,7 +39,7 @@ __all__ = ["BEFORE", "BLOCKS_MS", "make_mono", "measure_c_tools", "measure_start
 BEFORE: Final = {"trio_thread_s_per_audio_hour_20ms": 159.5, "ratio_20ms": 2.03,
                  "trio_thread_s_per_audio_hour_100ms": 62.4, "ratio_100ms": 1.42}
 #: The block sizes measured (the first is the default `capture.block_ms`).
-BLOCKS_MS: Final = (20, 100)
+BLOCKS_MS: Final = (100, 20)
 #: Ready's CPU target of the issue for `config check` and for `--help` (seconds).
 TARGET_CHECK_CPU: Final = 0.3
 TARGET_HELP_CPU: Final = 0.2
@@ -242,8 +242,10 @@ def realtime_result(runs: dict[int, dict[str, Any]], c_tools: dict[str, float],
     default = out["blocks"][str(BLOCKS_MS[0])]
     out["target_ratio"] = TARGET_RATIO
     out["ratio_met"] = bool(default["ratio_agent_to_c_tools"] <= TARGET_RATIO)
+    # The issue's yardstick: the Trio thread at 20 ms blocks, against before.
+    at_20 = out["blocks"].get("20", default)
     out["trio_thread_factor"] = round(BEFORE["trio_thread_s_per_audio_hour_20ms"]
-                                      / max(default["trio_thread_s_per_audio_hour"], 1e-9), 1)
+                                      / max(at_20["trio_thread_s_per_audio_hour"], 1e-9), 1)
     out["trio_factor_met"] = bool(out["trio_thread_factor"] >= TARGET_TRIO_FACTOR)
     if startup is not None:
         out["startup"] = {k: round(v, 3) for k, v in startup.items()}
@@ -267,7 +269,8 @@ def realtime_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("Real time: agent / (sox + opusenc)", f"{d['ratio_agent_to_c_tools']:.2f} "
          f"({d['agent_cpu_s_per_audio_hour']:.0f} vs {r['c_tools_cpu_s_per_audio_hour']:.0f} "
          "CPU s per audio hour)", f"<= {TARGET_RATIO}: {'yes' if r['ratio_met'] else 'NO'}"),
-        ("Real time: Trio thread", f"{d['trio_thread_s_per_audio_hour']:.1f} CPU s per audio "
+        ("Real time: Trio thread, 20 ms blocks",
+         f"{r['blocks'].get('20', d)['trio_thread_s_per_audio_hour']:.1f} CPU s per audio "
          f"hour (before: {BEFORE['trio_thread_s_per_audio_hour_20ms']})",
          f"{r['trio_thread_factor']:.1f}x lower, >= {TARGET_TRIO_FACTOR:g}x: "
          f"{'yes' if r['trio_factor_met'] else 'NO'}"),
@@ -312,8 +315,9 @@ def realtime_lines(r: dict[str, Any]) -> list[str]:
     lines += [
         f"| C tools (sox + 2 x opusenc) | {r['c_tools_cpu_s_per_audio_hour']:.1f} | | 1 | | |",
         "",
-        f"Before this change (every capture block woke the capture task, the STT streamer "
-        f"and the segmenter): Trio thread {b['trio_thread_s_per_audio_hour_20ms']} CPU s per "
+        f"Before the capture thread woke Trio per reader batch (every capture block woke the "
+        f"capture task, the STT streamer and the segmenter): Trio thread "
+        f"{b['trio_thread_s_per_audio_hour_20ms']} CPU s per "
         f"audio hour and ratio {b['ratio_20ms']} at 20 ms blocks, "
         f"{b['trio_thread_s_per_audio_hour_100ms']} and {b['ratio_100ms']} at 100 ms "
         "(stereo capture, STT in fixed chunks; see the history of this file).",
