@@ -139,7 +139,7 @@ def test_the_refusal_names_exactly_the_device_dependencies_without_a_32_bit_arm_
     assert set(re.split(r", | and ", named.group(1))) == expected
 
 
-def test_64_bit_arm_and_x86_are_accepted(tmp_path: Path) -> None:
+def test_64_bit_arm_and_x86_are_accepted_other_systems_refused(tmp_path: Path) -> None:
     for arch in ("arm64", "amd64"):
         out = run_as(arch, "install-device", tmp_path / arch, "--dry-run", "--no-prompt",
                      copy=False)
