@@ -264,7 +264,11 @@ class SttStreamer:
     async def _read_loop(self, reader: RingReader) -> None:
         ring = self.ring
         max_read = max(1, int(ring.rate * _MAX_READ_SECONDS))
-        batch = max(1, round(ring.rate * _READ_BATCH_SECONDS))
+        # Never longer than a chunk (fixed) or the pause that ends one (VAD): the
+        # streamer still runs at least once per chunk.
+        cfg = self.config
+        step = cfg.chunk_seconds if cfg.chunking == "fixed" else cfg.vad_silence_seconds
+        batch = max(1, round(ring.rate * min(_READ_BATCH_SECONDS, step)))
         while True:
             # One wake-up per batch, not per capture block.
             with trio.move_on_after(self._idle_flush) as waited:

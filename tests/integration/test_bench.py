@@ -120,7 +120,7 @@ def test_tiny_run_writes_report_and_table(tiny_run: tuple[dict[str, Any], Path, 
 def test_bad_arguments_get_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--only", "cpu,speed"]) == 2
     err = capsys.readouterr().err
-    assert "--only: unknown measurement(s) speed; expected some of cpu, ring" in err
+    assert "--only: unknown measurement(s) speed; expected some of realtime, cpu, ring" in err
     assert main(["--hours", "0"]) == 2
     assert "--hours: expected a number of hours in (0, 48], got 0" in capsys.readouterr().err
 
