@@ -147,7 +147,9 @@ async def test_kill_9_at_random_moments_loses_nothing_sealed(
             ready_utc = time.time()
             startup.append(time.monotonic() - t0)
             cut_before = backend.segment_stats.incomplete
-            await trio.sleep(rng.uniform(0.5, 1.5) if realtime else rng.uniform(0.1, 0.5))
+            # At real time the segmenter hands the writer a second of audio at a time:
+            # kill after the first batch could have reached the file.
+            await trio.sleep(rng.uniform(1.5, 3.0) if realtime else rng.uniform(0.1, 0.5))
         finally:
             proc.kill()
             kill_utc = time.time()
