@@ -217,8 +217,10 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
         f"for the whole run. Load average {meta['loadavg_start']} at the start and "
         f"{meta['loadavg_end']} at the end: other work shared the machine, so every CPU "
         "figure is process CPU time (user + system), not wall time, and the headline "
-        "figures are ratios. Regenerate with `scripts/bench` (under 10 minutes; "
-        "`scripts/bench --tiny` in seconds).",
+        "figures are ratios. Regenerate with `scripts/bench` (about 15 minutes; "
+        "`scripts/bench --tiny` in seconds)."
+        + "".join(f" Section `{k}` was measured again on {v} (`--only {k}`)."
+                  for k, v in sorted(meta.get("remeasured", {}).items())),
         "",
         "| measurement | figure | target |",
         "|---|---|---|",
