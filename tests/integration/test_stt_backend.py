@@ -219,7 +219,9 @@ async def test_a_503_storm_with_retry_after(tmp_path: Path) -> None:
         st = await run.finish()
         nursery.cancel_scope.cancel()
     assert backend.faults.unavailable == 0  # the storm hit the streamer
-    assert st.retries >= 2 and st.chunks_sent > 3
+    # Chunks reach the streamer a batch at a time, so a chunk is older when it is
+    # first sent: a 1 s Retry-After leaves room for fewer retries within max_age.
+    assert st.retries >= 1 and st.requests >= st.chunks_sent + 4 and st.chunks_sent > 3
     assert backend.stt.received == st.chunks_sent
     # A Retry-After of 1 s is longer than the 0.2 s backoff cap: the retries waited
     # for it, so chunks aged out while the storm lasted.
