@@ -178,6 +178,22 @@ async def test_stopping_in_the_middle_of_a_write_loses_no_frame(
     np.testing.assert_array_equal(joined, rig.fed_signal())
 
 
+class SlowWrites(InlineRunner):
+    """Inline, but each segment write takes as long as its audio (of the format
+    `only`, when given): an encoder far behind a source that runs ahead."""
+
+    def __init__(self, rate: int, only: str | None = None) -> None:
+        super().__init__()
+        self.rate, self.only = rate, only
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        writer = getattr(fn, "__self__", None)
+        if args and isinstance(args[0], np.ndarray) and (
+                self.only is None or writer.header.format == self.only):  # type: ignore[union-attr]
+            await trio.sleep(len(args[0]) / self.rate)
+        return fn(*args)
+
+
 async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
     tmp_path: Path, autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
@@ -185,16 +201,7 @@ async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
     # A source ahead of real time: 20 s captured, and the Opus encode (1 s of work
     # per second of audio here) far behind when the stop comes.
     rig = Rig(tmp_path, fmt="opus", seconds=60)
-
-    class SlowOpus(InlineRunner):
-        async def run(self, fn: Callable[..., T], *args: Any) -> T:
-            writer = getattr(fn, "__self__", None)
-            if (args and isinstance(args[0], np.ndarray)
-                    and writer.header.format == "opus"):  # type: ignore[union-attr]
-                await trio.sleep(len(args[0]) / rig.rate)
-            return fn(*args)
-
-    rig.segmenter.runner = SlowOpus()
+    rig.segmenter.runner = SlowWrites(rig.rate, only="opus")
     rig.segmenter.seal_grace = 2.0
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.segmenter.run)
@@ -223,14 +230,7 @@ async def test_audio_the_grace_cannot_write_at_shutdown_is_counted_and_logged(
     # A source ahead of real time: 20 s captured, and the encode (1 s of work per
     # second of audio here) is far behind when the stop comes.
     rig = Rig(tmp_path, fmt="wav", seconds=60)
-
-    class SlowEncode(InlineRunner):
-        async def run(self, fn: Callable[..., T], *args: Any) -> T:
-            if args and isinstance(args[0], np.ndarray):
-                await trio.sleep(len(args[0]) / rig.rate)
-            return fn(*args)
-
-    rig.segmenter.runner = SlowEncode()
+    rig.segmenter.runner = SlowWrites(rig.rate)
     rig.segmenter.seal_grace = 2.0
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.segmenter.run)
