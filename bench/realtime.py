@@ -18,18 +18,19 @@ import signal
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Any, Final
 
 import trio
 
 from bench.common import WARMUP_SECONDS, cpu_seconds
-from bench.procs import require_tool, run_tool
+from bench.complexity import default_complexities
+from bench.cpu import measure_opusenc
+from bench.procs import run_tool
 from bench.workload import capped_source
 from edge_agent.agent import Agent
 from edge_agent.audio.pcm import SampleFormat, from_float32, mix_down, read_wav, write_wav
-from edge_agent.config import AgentConfig, default_config, validate
+from edge_agent.config import AgentConfig, validate
 
 __all__ = ["BEFORE", "BLOCKS_MS", "make_mono", "measure_c_tools", "measure_startup", "pi_basis",
            "realtime_lines", "realtime_result", "realtime_rows", "realtime_run"]
@@ -154,28 +155,11 @@ async def realtime_run(p: dict[str, Any]) -> dict[str, Any]:
 
 def measure_c_tools(mono: Path, work: Path, reps: int) -> dict[str, float]:
     """CPU per audio hour of the C tools doing the default config's two encodes of
-    the same mono input, at the same bitrates and complexity: ``sox`` to 16 kHz,
-    ``opusenc`` for STT, ``opusenc`` for segments (the minimum over `reps`)."""
-    opusenc, sox = require_tool("opusenc"), require_tool("sox")
-    cfg = default_config()
-    stt_comp = cfg.stt.complexity
-    seg_comp = cfg.segments.complexity
-    with wave.open(str(mono), "rb") as w:
-        seconds = w.getnframes() / w.getframerate()
-    mono16 = work / "rt-stt-16k.wav"
-    runs: dict[str, list[float]] = {"sox": [], "stt": [], "seg": []}
-    for _ in range(reps):
-        runs["sox"].append(run_tool([sox, "-q", str(mono), "-r", str(cfg.stt.rate), "-b", "16",
-                                     str(mono16)]))
-        runs["stt"].append(run_tool([opusenc, "--quiet", "--bitrate",
-                                     f"{cfg.stt.bitrate / 1000:g}", "--comp", str(stt_comp),
-                                     str(mono16), str(work / "rt-stt.opus")]))
-        runs["seg"].append(run_tool([opusenc, "--quiet", "--bitrate",
-                                     f"{cfg.segments.bitrate / 1000:g}", "--comp",
-                                     str(seg_comp), str(mono), str(work / "rt-seg.opus")]))
-    per_hour = 3600 / seconds
-    out = {k: min(v) * per_hour for k, v in runs.items()}
-    return {**out, "stt_complexity": stt_comp, "segments_complexity": seg_comp}
+    the same mono input (`bench.cpu.measure_opusenc`: the default config's bitrates
+    and complexities), with the complexities used."""
+    return {**measure_opusenc(mono, work, reps),
+            "stt_complexity": default_complexities()["stt"],
+            "segments_complexity": default_complexities()["segments"]}
 
 
 def _cpu_of(argv: list[str], reps: int) -> float:
