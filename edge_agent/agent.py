@@ -164,6 +164,7 @@ class Agent:
                 spool=self.spool, transcripts=self._read_transcripts,
                 health=partial(component_health, self.parts),
                 status=partial(agent_status, self.parts), registry=self.registry,
+                input_overflows=lambda: self.source.stats.input_overflows,
                 routes=recording_routes(lambda: self.recordings),  # the recordings stage owns these
             )
             self._tasks.append(("api", self.api.run))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class DeviceApi:
         health: every component's health now.
         status: the agent's own sections of ``/v1/status``.
         registry: the agent's metrics registry; the API adds its own counters.
+        input_overflows: the capture's input overflows so far (for ``/v1/levels``).
         routes: more routes to serve (the recordings routes).
         encode_runner, io_runner: worker threads for encoding and for disk reads.
 
@@ -101,7 +102,8 @@ class DeviceApi:
     def __init__(self, config: ApiConfig, *, device_id: str, data_dir: Path, ring: AudioRing,
                  clock: Clock, capture_finished: trio.Event, spool: SpoolView | None,
                  transcripts: TranscriptReader, health: HealthFn, status: StatusFn,
-                 registry: CollectorRegistry, routes: Sequence[BaseRoute] = (),
+                 registry: CollectorRegistry, input_overflows: Callable[[], int],
+                 routes: Sequence[BaseRoute] = (),
                  encode_runner: ThreadRunner | None = None,
                  io_runner: ThreadRunner | None = None) -> None:
         self.config = config
@@ -124,7 +126,7 @@ class DeviceApi:
                                  stats=self.stats, encode_runner=encode_runner,
                                  io_runner=self._io)
         self.levels = LevelStream(config, ring=ring, clock=clock, stats=self.stats,
-                                  overflows=self._input_overflows)
+                                  overflows=input_overflows)
         self.page = DevicePage(MediaSigner(self._token), self.stats)
         self._started_at: float | None = None
         self.registry = registry
@@ -281,9 +283,6 @@ class DeviceApi:
         return ApiError(500, "internal error (logged on the device)").response()
 
     # -- health, metrics, status -------------------------------------------------
-
-    def _input_overflows(self) -> int:
-        return int(self._agent_status()["capture"].get("input_overflows", 0))
 
     async def _healthz(self, request: Request) -> Response:
         query_params(request, ())
