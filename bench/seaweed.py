@@ -55,10 +55,16 @@ class DeviceIdentity:
 
     def policy(self) -> dict[str, Any]:
         """The per-device IAM policy, as the README gives it for AWS and MinIO: write
-        and read back its own prefix; no list, no delete."""
-        return {"Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"],
-            "Resource": [f"arn:aws:s3:::{b}/{self.device}/*" for b in self.buckets]}]}
+        and read back its own prefix and its fleet objects (its retrieval answers and
+        heartbeat; its mailbox read only); no list, no delete."""
+        d = self.device
+        return {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"],
+             "Resource": [f"arn:aws:s3:::{b}/{key}" for b in self.buckets
+                          for key in (f"{d}/*", f"retrievals/{d}/*", f"status/{d}.json")]},
+            {"Effect": "Allow", "Action": ["s3:GetObject"],
+             "Resource": [f"arn:aws:s3:::{b}/requests/{d}.json" for b in self.buckets]},
+        ]}
 
 
 def _free_ports(count: int) -> list[int]:

@@ -55,6 +55,10 @@ from .wire import Decision, Verdict, parse_retry_after
 __all__ = [
     "Bucket",
     "Credentials",
+    "Fetched",
+    "Listed",
+    "ObjectClient",
+    "S3Error",
     "SigV4",
     "checksum",
     "error_code",
@@ -389,3 +393,191 @@ class Bucket:
         # An answer we cannot place is about the request, not the segment.
         return Decision(Verdict.RETRY, f"{what}: {message or 'the store refused the request'}; "
                         "check the settings of upload.s3", retry_after, setting="upload.s3")
+
+
+# ----------------------------------------------------------------------------
+# Reading, overwriting and listing (the fleet's mailbox, heartbeats and results)
+
+
+class S3Error(Exception):
+    """A request the store refused or that could not be made sense of; the text is
+    one line naming the status, the store's error code and what to check."""
+
+    def __init__(self, text: str, status: int = 0, code: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A GET's answer: 200 with `body`, 304 (unchanged since `etag`) or 404."""
+
+    status: int
+    body: bytes = b""
+    etag: str | None = None
+    last_modified: float | None = None  # the store's clock (seconds since the epoch)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object of a listing."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: float
+
+
+_S3_NS: Final = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+#: Keys asked for per ListObjectsV2 page (S3's own maximum).
+LIST_PAGE: Final = 1000
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _iso_date(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+class ObjectClient:
+    """Reads, conditional writes and listings in the bucket of `config`, for small
+    objects (the whole body in memory, at most `max_bytes`).
+
+    Args:
+        config: the bucket's settings (``[upload.s3]``, or the operator's fleet.toml).
+        auth: the signer.
+        client: the httpx client the requests go through.
+        max_bytes: the largest body read from a GET (a larger object is an error).
+    """
+
+    def __init__(self, config: S3Config, auth: SigV4, client: httpx.AsyncClient,
+                 max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.config = config
+        self.auth = auth
+        self.client = client
+        self.max_bytes = max_bytes
+        self.requests = 0  # made so far (each GET, PUT and listing page counts one)
+
+    async def _send(self, method: str, url: str, *, content: bytes = b"",
+                    headers: Mapping[str, str] | None = None,
+                    params: Mapping[str, str] | None = None) -> tuple[httpx.Response, bytes]:
+        """One request, sent again at once if the store corrected our clock; the
+        answer's body read up to `max_bytes` (an error answer's up to a few kB)."""
+        for _ in range(2):
+            offset = self.auth.offset
+            hdrs = {"x-amz-content-sha256": hashlib.sha256(content).hexdigest(),
+                    **(headers or {})}
+            self.requests += 1
+            async with self.client.stream(method, url, content=content or None,
+                                          headers=hdrs, params=params,
+                                          auth=self.auth) as response:
+                limit = self.max_bytes if response.status_code < 300 else ERROR_BODY_BYTES
+                body = b""
+                async for part in response.aiter_bytes():
+                    body += part
+                    if len(body) > limit:
+                        if response.status_code < 300:
+                            raise S3Error(f"{method} {url}: the object is larger than "
+                                          f"{limit} bytes", response.status_code)
+                        break
+            if response.status_code < 400 or self.auth.offset == offset:
+                break
+            if error_code(body)[0] != "RequestTimeTooSkewed":
+                break
+        return response, body
+
+    def _error(self, method: str, key: str, response: httpx.Response, body: bytes) -> S3Error:
+        code, message = error_code(body[:ERROR_BODY_BYTES])
+        if not code:
+            code = {403: "AccessDenied", 404: "NoSuchBucket"}.get(response.status_code, "")
+        known = _SETTINGS.get(code)
+        if known is not None:
+            text = known[1].format(ak=self.auth.credentials.access_key_id, key=key,
+                                   bucket=self.config.bucket, region=self.config.region)
+            if code == "AccessDenied":
+                text = (f"access denied: {method} {key} in bucket {self.config.bucket} as "
+                        f"{self.auth.credentials.access_key_id}; check the bucket and that "
+                        "key's policy")
+        else:
+            text = message or "the store refused the request"
+        what = f"status={response.status_code}" + (f" {code}" if code else "")
+        return S3Error(f"{method} {key}: {what}: {text}", response.status_code, code)
+
+    async def get(self, key: str, *, etag: str | None = None) -> Fetched:
+        """The object at `key`; with `etag`, a 304 when it is still that one. A
+        missing object is a 404 `Fetched`, not an error."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response, body = await self._send("GET", object_url(self.config, key),
+                                          headers=headers)
+        status = response.status_code
+        if status == 404 and error_code(body)[0] in ("NoSuchKey", ""):
+            return Fetched(404)
+        if status in (200, 304):
+            return Fetched(status, body if status == 200 else b"",
+                           response.headers.get("etag"),
+                           _http_date(response.headers.get("last-modified")))
+        raise self._error("GET", key, response, body)
+
+    async def put(self, key: str, body: bytes, content_type: str, *,
+                  if_match: str | None = None, if_none_match: bool = False,
+                  metadata: Mapping[str, str] | None = None) -> str | None:
+        """Write `body` to `key` (with its SHA-256 checked by the store); the new
+        ETag, or None when a condition failed (412: `if_match` is no longer the
+        object's ETag, or `if_none_match` and an object is there)."""
+        digest = hashlib.sha256(body).hexdigest()
+        headers = {"Content-Type": content_type, "x-amz-checksum-sha256": checksum(digest),
+                   **{f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()}}
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        response, answer = await self._send("PUT", object_url(self.config, key),
+                                            content=body, headers=headers)
+        if response.status_code == 200:
+            return response.headers.get("etag") or ""
+        if response.status_code == 412:
+            return None
+        raise self._error("PUT", key, response, answer)
+
+    async def list(self, prefix: str, *, start_after: str = "",
+                   limit: int = 100_000) -> AsyncIterator[Listed]:
+        """The objects under `prefix` in key order, after `start_after`, at most
+        `limit` of them (ListObjectsV2, a page of `LIST_PAGE` per request)."""
+        url = object_url(self.config, "").rstrip("/")
+        if self.config.addressing == "virtual":
+            url += "/"
+        token = ""
+        left = limit
+        while left > 0:
+            params = {"list-type": "2", "prefix": prefix,
+                      "max-keys": str(min(LIST_PAGE, left))}
+            if token:
+                params["continuation-token"] = token
+            elif start_after:
+                params["start-after"] = start_after
+            response, body = await self._send("GET", url, params=params)
+            if response.status_code != 200:
+                raise self._error("LIST", prefix or "/", response, body)
+            try:
+                root = ET.fromstring(body)
+            except ET.ParseError as exc:
+                raise S3Error(f"LIST {prefix}: the store's answer is not XML ({exc})",
+                              response.status_code) from None
+            for item in root.iter(f"{_S3_NS}Contents"):
+                left -= 1
+                yield Listed(item.findtext(f"{_S3_NS}Key") or "",
+                             int(item.findtext(f"{_S3_NS}Size") or 0),
+                             item.findtext(f"{_S3_NS}ETag") or "",
+                             _iso_date(item.findtext(f"{_S3_NS}LastModified") or
+                                       "1970-01-01T00:00:00Z"))
+            token = root.findtext(f"{_S3_NS}NextContinuationToken") or ""
+            if root.findtext(f"{_S3_NS}IsTruncated") != "true" or not token:
+                return
