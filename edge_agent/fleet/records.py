@@ -178,6 +178,8 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     sent: Utc
     version: str
     uptime_seconds: float
+    heartbeat_seconds: float  # the interval the device sends at (staleness is judged by it)
+    poll_seconds: float  # how often it reads its mailbox when idle
     health: str  # "ok", "degraded" or "failing"
     reasons: list[str] = []
     capture: dict[str, Any] = {}
