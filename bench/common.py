@@ -157,17 +157,20 @@ class Sizes:
     drain_segments: int
     drain_segment_seconds: float
     realtime_seconds: float
+    realtime_reps: int  # runs of the agent at the default block (the least CPU is kept)
     startup_reps: int
 
 
 FULL = Sizes(audio_file_seconds=300, hours=1.5, opusenc_reps=1, ring_short_s=60,
             ring_long_s=12 * 3600, ring_reps=300, naive_minutes=(1, 10),
             resample_seconds=60, latency_seconds=30, drain_segments=1440,
-            drain_segment_seconds=60, realtime_seconds=120, startup_reps=3)
+            drain_segment_seconds=60, realtime_seconds=120, realtime_reps=3,
+            startup_reps=3)
 TINY = Sizes(audio_file_seconds=12, hours=20 / 3600, opusenc_reps=1, ring_short_s=60,
             ring_long_s=12 * 3600, ring_reps=20, naive_minutes=(0.5, 5),
             resample_seconds=2, latency_seconds=5, drain_segments=8,
-            drain_segment_seconds=5, realtime_seconds=4, startup_reps=1)
+            drain_segment_seconds=5, realtime_seconds=4, realtime_reps=1,
+            startup_reps=1)
 MEASUREMENTS: Final = ("realtime", "cpu", "ring", "resample", "latency", "drain", "complexity")
 
 

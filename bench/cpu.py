@@ -32,7 +32,7 @@ from bench.common import (
     downsample,
 )
 from bench.complexity import default_complexities, opusenc_comp_args
-from bench.memory import heap_mb, peak_rss_bytes, rss_bytes
+from bench.memory import MemorySamples, heap_mb, peak_rss_bytes, rss_bytes
 from bench.procs import require_tool, run_tool
 from bench.workload import agent_config, capped_source
 from edge_agent.agent import Agent
@@ -61,7 +61,7 @@ async def agent_run(p: dict[str, Any]) -> dict[str, Any]:
     source.hold = hold
     if p.get("max_wall_s"):
         source.deadline = trio.current_time() + p["max_wall_s"]
-    samples: list[list[float | None]] = []
+    samples = MemorySamples()
     profiler = cProfile.Profile(time.thread_time) if p.get("profile") else None
     cpu0, thread0, wall0 = cpu_seconds(), time.thread_time(), time.monotonic()
     if profiler is not None:
@@ -81,7 +81,7 @@ async def agent_run(p: dict[str, Any]) -> dict[str, Any]:
 
     async def sample_rss() -> None:
         while True:
-            samples.append(sample())
+            samples.add(sample())
             if "start_cpu" not in window and ring.head >= WARMUP_SECONDS * ring.rate:
                 mark("start")
             await trio.sleep(0.2)
@@ -104,7 +104,7 @@ async def agent_run(p: dict[str, Any]) -> dict[str, Any]:
             if max((r.lag for r in ring.readers()), default=0) <= ring.rate:
                 break
             await trio.sleep(0.05)
-        samples.append(sample())
+        samples.add(sample(), last=True)
         agent.stop()
         sampler.cancel()
     with trio.move_on_after(120):
@@ -117,7 +117,7 @@ async def agent_run(p: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "audio_seconds": ring.head / ring.rate, "cpu_s": cpu, "trio_thread_cpu_s": trio_thread,
         "wall_s": wall, "peak_rss_mb": peak_rss_bytes() / MB, "ring_bytes": ring.nbytes,
-        "rss": downsample(samples, 400), "stt": as_dict(stt.statistics()),
+        "rss": downsample(samples.rows(), 400), "stt": as_dict(stt.statistics()),
         "segmenter": as_dict(agent.segmenter.stats) if agent.segmenter else {},
         "uploader": as_dict(agent.uploader.stats), "spool": as_dict(spool.stats),
         "source": as_dict(source.stats),

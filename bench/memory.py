@@ -19,7 +19,7 @@ import numpy as np
 
 from bench.common import MB, TARGET_GROWTH_MB
 
-__all__ = ["heap_mb", "memory_result", "peak_rss_bytes", "rss_bytes"]
+__all__ = ["MemorySamples", "heap_mb", "memory_result", "peak_rss_bytes", "rss_bytes"]
 
 def rss_bytes() -> int:
     """Resident set size now, from /proc/self/statm."""
@@ -54,6 +54,43 @@ def heap_mb() -> tuple[float | None, float | None]:
         return None, None
     info = fn()
     return (info.uordblks + info.hblkhd) / MB, info.fordblks / MB
+
+
+class MemorySamples:
+    """Samples of a run of any length in a fixed, preallocated table: when it is
+    full, every other row goes and only every second sample after that is kept.
+    The sampler must not grow the heap it measures: a list that took a sample
+    every 0.2 s grew by 25,000 samples (about 5 MB) over a 12 h run, and read as
+    the agent's growth.
+
+    Args:
+        capacity: rows held at most.
+        width: values per sample (None is held as NaN).
+    """
+
+    def __init__(self, capacity: int = 1024, width: int = 5) -> None:
+        self._rows = np.full((capacity, width), np.nan)
+        self._count = 0
+        self._every = 1  # keep one sample in this many
+        self._offered = 0
+
+    def add(self, row: list[float | None], *, last: bool = False) -> None:
+        """Offer a sample; kept when it falls on the current spacing, or `last`."""
+        self._offered += 1
+        if self._offered % self._every and not last:
+            return
+        if self._count == len(self._rows):
+            kept = (self._count + 1) // 2
+            self._rows[:kept] = self._rows[: self._count : 2]
+            self._rows[kept:] = np.nan
+            self._count = kept
+            self._every *= 2
+        self._rows[self._count] = [np.nan if v is None else v for v in row]
+        self._count += 1
+
+    def rows(self) -> list[list[float | None]]:
+        return [[None if np.isnan(v) else float(v) for v in row]
+                for row in self._rows[: self._count]]
 
 
 def peak_rss_bytes() -> int:
