@@ -44,6 +44,9 @@ from .seams import SpoolView
 __all__ = [
     "AUDIO_FORMATS",
     "EXTENSIONS",
+    "MAX_CHANNELS",
+    "MAX_RATE",
+    "MIN_RATE",
     "OPUS_BITRATE",
     "ByteSink",
     "FileSink",
@@ -68,6 +71,10 @@ AUDIO_FORMATS: Final = {
 EXTENSIONS: Final = {"opus": "opus", "wav": "wav", "flac": "oga", "pcm": "raw"}
 #: Opus bit rate of a cut unless asked otherwise (bit/s).
 OPUS_BITRATE: Final = 64000
+#: Output sample rates a cut may be asked for (Hz), and channels at most.
+MIN_RATE: Final = 8000
+MAX_RATE: Final = 192000
+MAX_CHANNELS: Final = 8
 
 _BLOCK_SECONDS = 1.0  # audio converted per trip to a worker thread
 _WAV_LIMIT = 0xFFFFFFFF  # a RIFF file's sizes are 32-bit
@@ -211,10 +218,13 @@ def _piece_pcm(fd: int, piece: SegmentPiece, rate: int) -> NDArray[Any]:
     return part
 
 
-def spool_reader(spool: SpoolView, rate: int) -> SegmentReader:
-    """Reads pieces from the spool's own files (opened safely below its root)."""
+def spool_reader(spool: SpoolView | None, rate: int) -> SegmentReader:
+    """Reads pieces from the spool's own files (opened safely below its root).
+    Without a spool (segments disabled) no segment is ever planned."""
 
     def read(piece: SegmentPiece) -> NDArray[Any]:
+        if spool is None:
+            raise Abort(f"segment {piece.meta.id}: segments are disabled")
         try:
             fd, _size = open_segment(spool, piece.meta.id)
         except (FileNotFoundError, UnsafePath) as exc:

@@ -38,6 +38,9 @@ from .counters import ApiStats
 from .cut import (
     AUDIO_FORMATS,
     EXTENSIONS,
+    MAX_CHANNELS,
+    MAX_RATE,
+    MIN_RATE,
     OPUS_BITRATE,
     RangeTooLong,
     oldest_held,
@@ -47,8 +50,8 @@ from .cut import (
     spool_reader,
 )
 from .params import ApiError, choice, int_param, query_params, time_param
-from .plan import MAX_GAPS_LISTED, AudioPlan, SegmentPiece
-from .render import Abort, Renderer, Sink, StreamResponse
+from .plan import MAX_GAPS_LISTED, AudioPlan
+from .render import Renderer, Sink, StreamResponse
 from .seams import SpoolView
 
 __all__ = ["AUDIO_FORMATS", "EXTENSIONS", "GAPS_HEADER", "MediaRoutes"]
@@ -56,8 +59,6 @@ __all__ = ["AUDIO_FORMATS", "EXTENSIONS", "GAPS_HEADER", "MediaRoutes"]
 #: Response header listing the holes in a /v1/audio response (see the module doc).
 GAPS_HEADER: Final = "X-Audio-Gaps"
 
-_MIN_RATE, _MAX_RATE = 8000, 192000
-_MAX_CHANNELS = 8
 _CAPTURE_WAIT = 2.0  # how long /v1/audio waits for capture to reach `end`
 _FUTURE_SLACK = 1.0  # an `end` this far past the device's clock is still "now"
 _LIVE_FLUSH = 0.25  # seconds between Ogg pages forced out to a live listener
@@ -115,8 +116,8 @@ class MediaRoutes:
             raise ApiError(400, f"end: the range is {end - start:g} s long; at most "
                                 f"{cfg.max_range_seconds:g} s (api.max_range_seconds)", "end")
         fmt = choice(p, "format", "opus", AUDIO_FORMATS)
-        rate = int_param(p, "rate", ring.rate, _MIN_RATE, _MAX_RATE)
-        channels = int_param(p, "channels", ring.channels, 1, _MAX_CHANNELS)
+        rate = int_param(p, "rate", ring.rate, MIN_RATE, MAX_RATE)
+        channels = int_param(p, "channels", ring.channels, 1, MAX_CHANNELS)
         if ring.channels > 1 and channels > ring.channels:
             raise ApiError(400, f"channels: expected at most {ring.channels} (the channels "
                                 f"captured), got {channels}", "channels")
@@ -227,9 +228,8 @@ class MediaRoutes:
         return headers
 
     async def _produce_audio(self, plan: AudioPlan, renderer: Renderer, sink: Sink) -> None:
-        read = (spool_reader(self.spool, self.ring.rate) if self.spool is not None
-                else _no_segments)
-        await produce(plan, renderer, sink, ring=self.ring, read_segment=read,
+        await produce(plan, renderer, sink, ring=self.ring,
+                      read_segment=spool_reader(self.spool, self.ring.rate),
                       encode_runner=self.encode_runner, io_runner=self.io_runner)
 
     # -- /v1/live -----------------------------------------------------------------
@@ -241,7 +241,7 @@ class MediaRoutes:
         choice(p, "format", "opus", ("opus",))
         limit = int(cfg.live_max_seconds)
         seconds = int_param(p, "seconds", limit, 1, max(1, limit))
-        channels = int_param(p, "channels", min(ring.channels, 2), 1, _MAX_CHANNELS)
+        channels = int_param(p, "channels", min(ring.channels, 2), 1, MAX_CHANNELS)
         if ring.channels > 1 and channels > ring.channels:
             raise ApiError(400, f"channels: expected at most {ring.channels}, got {channels}",
                            "channels")
@@ -303,7 +303,3 @@ class MediaRoutes:
         finally:
             encoder.close()
 
-
-def _no_segments(piece: SegmentPiece) -> NDArray[Any]:
-    """Never called: without a spool no segment is planned."""
-    raise Abort(f"segment {piece.meta.id}: segments are disabled")
