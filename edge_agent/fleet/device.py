@@ -153,7 +153,7 @@ class FleetDevice:
         self.version = version
         self.stats = FleetStats()
         self.objects: ObjectClient | None = None  # while running
-        self._transport = transport
+        self.transport = transport  # tests may replace it before `run`
         self._rng = rng or random.Random()
         self._io = ThreadRunner(1)
         self._encode = ThreadRunner(1)
@@ -173,7 +173,7 @@ class FleetDevice:
         creds = await self._io.run(read_credentials, s3.credentials_file, s3.profile)
         auth = SigV4(creds, s3.region, self.clock)
         await self._io.run(self._recover)
-        async with httpx.AsyncClient(transport=self._transport,
+        async with httpx.AsyncClient(transport=self.transport,
                                      headers={"User-Agent": "edge-agent"},
                                      timeout=httpx.Timeout(self.upload.timeout_seconds),
                                      follow_redirects=False) as client:
