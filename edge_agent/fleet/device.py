@@ -163,7 +163,7 @@ class FleetDevice:
         self._requests: list[Request] = []  # of the last mailbox read
         self._answered = AnsweredIds()
         self._kept: dict[str, _Kept] = {}
-        self._attempts: dict[str, int] = {}
+        self._attempts: dict[str, tuple[int, str]] = {}  # failed cuts, the last reason
         self._errors: dict[str, str] = {}  # the last error logged, per activity
 
     # -- the stage -----------------------------------------------------------------
@@ -269,12 +269,20 @@ class FleetDevice:
                 st.requests_expired += 1
                 await self._done(request.id)
                 continue
-            if not_yet(request, now):
+            why = _unreadable(request)
+            if why is None and not_yet(request, now):
                 st.requests_waiting += 1
                 continue
             if taken >= cfg.max_requests_per_poll:
                 return True
+            tries, last = self._attempts.get(request.id, (0, ""))
+            if why is None and tries >= MAX_ATTEMPTS:
+                why = f"failed: {tries} attempts; the last: {last}"
             try:
+                if why is not None:
+                    taken += 1
+                    await self._refuse(request, why)
+                    continue
                 if request.id not in self._kept and await self._result_exists(request):
                     continue
                 taken += 1
@@ -286,7 +294,11 @@ class FleetDevice:
             except _Failed as exc:
                 st.requests_failed += 1
                 self._failed("answer", f"request {request.id}: {exc}")
-                await self._give_up_or_retry(request, str(exc))
+                # Tried again at the next poll; refused after MAX_ATTEMPTS.
+                self._attempts[request.id] = (tries + 1, str(exc))
+                kept = self._kept.pop(request.id, None)
+                if kept is not None:  # the kept audio cannot be stored: cut again
+                    await self._io.run(_unlink, kept.record, kept.audio)
             else:
                 self._ok("answer")
         return False
@@ -313,12 +325,6 @@ class FleetDevice:
         for request_id in [i for i in self._kept if i not in ids]:
             kept = self._kept.pop(request_id)
             _unlink(kept.record, kept.audio)
-
-    async def _give_up_or_retry(self, request: Request, reason: str) -> None:
-        n = self._attempts.get(request.id, 0) + 1
-        self._attempts[request.id] = n
-        if n >= MAX_ATTEMPTS:
-            await self._refuse(request, f"failed: {n} attempts; the last: {reason}")
 
     async def _answer(self, request: Request) -> None:
         """Refuse `request`, or cut it (unless kept from before), store the audio, then
@@ -487,6 +493,15 @@ def _open_write(path: Path) -> BinaryIO:
 
 def _open_read(path: Path) -> BinaryIO:
     return path.open("rb")
+
+
+def _unreadable(request: Request) -> str | None:
+    """Why the request's times cannot be read (a date the pattern lets through)."""
+    try:
+        request.start_ts, request.end_ts  # noqa: B018 (parsed to see that they parse)
+    except ValueError as exc:
+        return f"bad_request: {exc}"
+    return None
 
 
 def _unlink(*paths: Path) -> None:
