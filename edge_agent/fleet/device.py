@@ -161,6 +161,7 @@ class FleetDevice:
         self._client: httpx.AsyncClient | None = None
         self._etag: str | None = None
         self._requests: list[Request] = []  # of the last mailbox read
+        self._readable = True  # whether the last mailbox read was a Mailbox
         self._answered = AnsweredIds()
         self._kept: dict[str, _Kept] = {}
         self._attempts: dict[str, tuple[int, str]] = {}  # failed cuts, the last reason
@@ -241,21 +242,27 @@ class FleetDevice:
         except (S3Error, httpx.HTTPError) as exc:
             self._failed("mailbox", exc)
             return False
-        self._ok("mailbox")
         if fetched.status == 304:
             st.not_modified += 1
+            if self._readable:
+                self._ok("mailbox")
         elif fetched.status == 404:
             st.mailbox_empty += 1
-            self._etag, self._requests = None, []
+            self._etag, self._requests, self._readable = None, [], True
+            self._ok("mailbox")
         else:
             st.mailbox_changes += 1
+            # Remembered even when unreadable: it is not read again until it changes.
             self._etag = fetched.etag
             try:
                 self._requests = list(decode(fetched.body, Mailbox).requests)
             except ValueError as exc:
-                self._requests = []
+                self._requests, self._readable = [], False
                 self._failed("mailbox", f"{mailbox_key(self.device_id)}: {exc}")
-            await self._io.run(self._drop_kept_not_in, {r.id for r in self._requests})
+            else:
+                self._readable = True
+                self._ok("mailbox")
+                await self._io.run(self._drop_kept_not_in, {r.id for r in self._requests})
         return await self._work()
 
     async def _work(self) -> bool:
