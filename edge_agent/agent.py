@@ -12,7 +12,7 @@ A start-up failure a person must fix (a data dir the agent may not write, an
 the config key; the same failure later, when a task restarts, is retried.
 
 The composition root, just below ``cli``, ``demo`` and ``recorder``: it may
-import every stage, ``metrics`` and ``systemd``; none of them imports it.
+import every stage, ``fleet``, ``metrics`` and ``systemd``; none of them imports it.
 """
 
 from __future__ import annotations
