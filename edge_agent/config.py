@@ -398,22 +398,14 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
                         "(the uploader sends the spooled segments)")
     if cfg.api.enabled:
         problems.extend(check_api_config(cfg.api))
-    problems.extend(check_fleet_config(cfg))
+    fleet = cfg.fleet
+    if fleet.enabled and (not cfg.upload.enabled or cfg.upload.target != "s3"):
+        problems.append('fleet.enabled: expected upload.enabled = true and upload.target = '
+                        '"s3" (the fleet meets in the bucket of [upload.s3])')
+    if fleet.enabled and fleet.busy_poll_seconds > fleet.poll_seconds:
+        problems.append(f"fleet.busy_poll_seconds: expected at most fleet.poll_seconds "
+                        f"({fleet.poll_seconds:g}), got {fleet.busy_poll_seconds:g}")
     return problems
-
-
-def check_fleet_config(cfg: AgentConfig) -> list[str]:
-    """Problems with an enabled ``[fleet]`` section (no I/O)."""
-    fleet, upload = cfg.fleet, cfg.upload
-    if not fleet.enabled:
-        return []
-    if not upload.enabled or upload.target != "s3":
-        return ['fleet.enabled: expected upload.enabled = true and upload.target = "s3" '
-                "(the fleet meets in the bucket of [upload.s3])"]
-    if fleet.busy_poll_seconds > fleet.poll_seconds:
-        return [f"fleet.busy_poll_seconds: expected at most fleet.poll_seconds "
-                f"({fleet.poll_seconds:g}), got {fleet.busy_poll_seconds:g}"]
-    return []
 
 
 #: Sample rates the voice activity detectors take (webrtcvad's own list).

@@ -391,3 +391,10 @@ def test_fleet_needs_the_s3_target_in_one_line() -> None:
     assert info.value.problems == [
         'fleet.enabled: expected upload.enabled = true and upload.target = "s3" '
         "(the fleet meets in the bucket of [upload.s3])"]
+    with pytest.raises(ConfigError) as info:
+        validate({"segments": {"enabled": True},
+                  "upload": {"enabled": True, "target": "s3",
+                             "s3": {"bucket": "audio", "credentials_file": "/etc/keys"}},
+                  "fleet": {"enabled": True, "poll_seconds": 2, "busy_poll_seconds": 5}})
+    assert info.value.problems == ["fleet.busy_poll_seconds: expected at most "
+                                   "fleet.poll_seconds (2), got 5"]
