@@ -12,7 +12,7 @@ A start-up failure a person must fix (a data dir the agent may not write, an
 the config key; the same failure later, when a task restarts, is retried.
 
 The composition root, just below ``cli``, ``demo`` and ``recorder``: it may
-import every stage, ``metrics`` and ``systemd``; none of them imports it.
+import every stage, ``fleet``, ``metrics`` and ``systemd``; none of them imports it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -38,7 +38,7 @@ from .config import AgentConfig, ConfigError, config_warnings, is_loopback, load
 from .discovery import Advertiser
 from .errors import StartupError
 from .fs import make_writable_dir
-from .metrics import AgentParts, agent_status, component_health, make_registry
+from .metrics import AgentParts, agent_status, component_health, heartbeat_figures, make_registry
 from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
 from .spool import Segmenter, Spool
@@ -46,6 +46,10 @@ from .stt import SttStreamer, Transcript, read_transcripts
 from .supervisor import Backoff, Supervisor, TaskFn, TaskHealth, TaskStatus
 from .systemd import Notifier, NotifyStats, WatchdogPolicy, notify_systemd, watchdog_interval
 from .uploader import Uploader
+from .wire import agent_version
+
+if TYPE_CHECKING:
+    from .fleet.device import FleetDevice
 
 __all__ = ["Agent"]
 
@@ -154,6 +158,21 @@ class Agent:
             segmenter=self.segmenter, uploader=self.uploader, stt=self.stt,
         )
         self.registry = make_registry(self.parts)
+        # Fleet operations through the bucket: the mailbox answered, the heartbeat sent
+        # (no listening port needed); the figures come from here, not from metrics.
+        self.fleet: FleetDevice | None = None
+        if config.fleet.enabled:
+            # Imported here: the signer (awscrt) only where it is used.
+            from .fleet.device import FleetCollector, FleetDevice
+
+            self.fleet = FleetDevice(
+                config.fleet, config.upload, device_id=config.device.id, ring=self.ring,
+                spool=self.spool, clock=self.clock, work_dir=self.data_dir / "fleet",
+                figures=partial(heartbeat_figures, self.parts, self.clock.mono()),
+                version=agent_version())
+            self.parts.fleet_stats = self.fleet.stats
+            self.registry.register(FleetCollector(self.fleet.stats))
+            self._tasks.append(("fleet", self.fleet.run))
         # The device HTTP API, last: it serves what the stages above hold. An
         # unusable token file is a ConfigError here, at start.
         self.api: DeviceApi | None = None

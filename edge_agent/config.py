@@ -35,6 +35,7 @@ __all__ = [
     "CaptureConfig",
     "ConfigError",
     "DeviceConfig",
+    "FleetConfig",
     "RecordingsConfig",
     "RingConfig",
     "S3Config",
@@ -301,6 +302,27 @@ class RecordingsConfig(_Section):
         "A recording this long stops and is sealed by itself (seconds)"))] = 14400.0
 
 
+class FleetConfig(_Section):
+    """Fleet operations through the bucket of [upload.s3]: retrieval requests
+    answered from a mailbox object, and a heartbeat (no inbound connection)."""
+
+    enabled: Annotated[bool, Meta(description=(
+        'Answer requests, send heartbeats through the bucket (needs upload.target = "s3")'
+    ))] = False
+    poll_seconds: Annotated[float, Meta(ge=1, le=86400, description=(
+        "How often the mailbox is read while idle, give or take 10% (seconds)"))] = 60.0
+    busy_poll_seconds: Annotated[float, Meta(ge=0.1, le=86400, description=(
+        "How often the mailbox is read while requests wait their turn (seconds)"))] = 5.0
+    heartbeat_seconds: Annotated[float, Meta(ge=1, le=86400, description=(
+        "How often the heartbeat is written, and on every health change (seconds)"))] = 300.0
+    max_request_seconds: Annotated[float, Meta(gt=0, le=86400, description=(
+        "Longest range one request may ask for; longer ones are refused (seconds)"))] = 3600.0
+    max_requests_per_poll: Annotated[int, Meta(ge=1, le=100, description=(
+        "Requests answered per reading of the mailbox, at most"))] = 4
+    keep_results_hours: Annotated[float, Meta(gt=0, le=8760, description=(
+        "Requests placed longer ago than this are not answered (again) (hours)"))] = 168.0
+
+
 class AgentConfig(_Section):
     """The whole agent."""
 
@@ -312,6 +334,7 @@ class AgentConfig(_Section):
     upload: UploadConfig = msgspec.field(default_factory=UploadConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     recordings: RecordingsConfig = msgspec.field(default_factory=RecordingsConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
 
 
 class ConfigError(EdgeAgentError):
@@ -375,6 +398,13 @@ def _cross_checks(cfg: AgentConfig) -> list[str]:
                         "(the uploader sends the spooled segments)")
     if cfg.api.enabled:
         problems.extend(check_api_config(cfg.api))
+    fleet = cfg.fleet
+    if fleet.enabled and (not cfg.upload.enabled or cfg.upload.target != "s3"):
+        problems.append('fleet.enabled: expected upload.enabled = true and upload.target = '
+                        '"s3" (the fleet meets in the bucket of [upload.s3])')
+    if fleet.enabled and fleet.busy_poll_seconds > fleet.poll_seconds:
+        problems.append(f"fleet.busy_poll_seconds: expected at most fleet.poll_seconds "
+                        f"({fleet.poll_seconds:g}), got {fleet.busy_poll_seconds:g}")
     return problems
 
 

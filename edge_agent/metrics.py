@@ -36,6 +36,7 @@ from prometheus_client.core import (
 )
 
 from .stats import Histogram
+from .wire import SegmentState
 
 if TYPE_CHECKING:
     from .capture import Source
@@ -56,6 +57,7 @@ __all__ = [
     "agent_status",
     "component_health",
     "disk_free_bytes",
+    "heartbeat_figures",
     "make_registry",
     "overall_status",
 ]
@@ -86,6 +88,7 @@ class AgentParts:
     uploader: Uploader | None = None
     stt: SttStreamer | None = None
     advertiser: Advertiser | None = None
+    fleet_stats: Any = None  # the fleet device's counters (a dataclass), when enabled
 
     def degraded(self) -> dict[str, str]:
         """Components that are not healthy now, with the reason (empty when ok)."""
@@ -268,8 +271,9 @@ def _config_summary(parts: AgentParts) -> dict[str, Any]:
 
 def agent_status(parts: AgentParts) -> dict[str, Any]:
     """The agent's sections of ``/v1/status``: ``config`` (summary), ``capture``,
-    ``tasks``, ``stt``, ``spool``, ``segmenter``, ``upload``, ``disk`` and ``discovery``
-    (the network announcement; None when the API is not announced)."""
+    ``tasks``, ``stt``, ``spool``, ``segmenter``, ``upload``, ``disk``, ``discovery``
+    (the network announcement; None when the API is not announced) and ``fleet``
+    (the mailbox and heartbeat counters; None when the fleet is disabled)."""
     ring = parts.ring
     return {
         "config": _config_summary(parts),
@@ -283,6 +287,46 @@ def agent_status(parts: AgentParts) -> dict[str, Any]:
         "upload": parts.uploader.stats if parts.uploader is not None else None,
         "disk": {"free_bytes": disk_free_bytes(parts.data_dir)},
         "discovery": parts.advertiser.stats if parts.advertiser is not None else None,
+        "fleet": parts.fleet_stats,
+    }
+
+
+def heartbeat_figures(parts: AgentParts, started_mono: float) -> dict[str, Any]:
+    """What a fleet heartbeat says of the agent (the fields of
+    ``fleet.records.Heartbeat`` the agent knows): health and its reasons, capture,
+    clock, the spool's backlog, the last segment synced, STT and free disk.
+    `started_mono` is the clock's monotonic time when the agent started."""
+    health = component_health(parts)
+    ring = parts.ring
+    task = parts.supervisor.tasks.get("capture")
+    spool = parts.spool
+    pending = spool.pending() if spool is not None else []
+    synced = (spool.list(state=SegmentState.SYNCED, limit=1, newest_first=True)
+              if spool is not None else [])
+    uploader = parts.uploader
+    stt = parts.stt.statistics() if parts.stt is not None else None
+    free = disk_free_bytes(parts.data_dir)
+    return {
+        "health": overall_status(health),
+        "reasons": [f"{name}: {h.detail}" for name, h in health.items() if not h.healthy],
+        "uptime_seconds": round(parts.clock.mono() - started_mono, 3),
+        "capture": {"state": task.state if task is not None else "",
+                    "seconds": round(ring.head / ring.rate, 3),
+                    "input_overflows": parts.source.stats.input_overflows,
+                    "detail": health["capture"].detail},
+        "clock": {"synced": parts.clock.synced(),
+                  "offset_seconds": (uploader.stats.clock_offset_seconds
+                                     if uploader is not None else None)},
+        "spool": {"segments": len(pending),
+                  "seconds": round(sum(m.seconds for m in pending), 3),
+                  "mb": round(sum(m.bytes for m in pending) / 2**20, 3)},
+        "last_synced_segment": synced[0][0].id if synced else "",
+        "stt": ({"chunks_sent": stt.chunks_sent, "requests": stt.requests,
+                 "dropped": (stt.dropped_overflow + stt.dropped_stale
+                             + stt.dropped_rejected),
+                 "backlog_seconds": round(stt.backlog_seconds, 3)}
+                if stt is not None else {}),
+        "disk_free_mb": round(free / 2**20, 1) if free is not None else None,
     }
 
 

@@ -8,7 +8,8 @@ README.md ("HTTP API") lists every route, parameter, status and header.
 
 A stage: imports only the bottom layer; never agent, another stage, metrics or
 systemd. Its modules: `auth` (token, bearer check), `params` (query parameters,
-`ApiError`), `plan` (`plan_audio`), `decode` (spooled segments, `open_under`),
+`ApiError`), `plan` (`plan_audio`), `cut` (one cut of a range, shared with the
+fleet's answers and ``fleet get``), `decode` (spooled segments, `open_under`),
 `render` (encoding, streamed responses), `conditional` (If-None-Match/Range),
 `counters` (`ApiStats`), `seams` (Protocols of what it reads), `media`
 (/v1/audio, /v1/live) and `app` (`DeviceApi`).

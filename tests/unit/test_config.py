@@ -38,7 +38,7 @@ def cfg_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def test_init_writes_a_complete_default_file(cfg_file: Path) -> None:
     raw = tomllib.loads(cfg_file.read_text())
     assert set(raw) == {"device", "capture", "ring", "stt", "segments", "upload", "api",
-                        "recordings"}
+                        "recordings", "fleet"}
     assert raw["capture"]["rate"] == 48000
     assert validate(raw) == default_config()
 
@@ -92,7 +92,7 @@ def test_bad_values_get_one_line_each_naming_the_key(
     p = str(path)
     assert err.splitlines() == [
         f"error: {p}: bogus: unknown key; known keys here: "
-        "api, capture, device, recordings, ring, segments, stt, upload",
+        "api, capture, device, fleet, recordings, ring, segments, stt, upload",
         f"error: {p}: device.id: expected a string of letters, digits, '.', '_' or '-' "
         '(at most 64), got "my device"',
         f"error: {p}: capture.rat: unknown key (did you mean 'rate'?); known keys here: "
