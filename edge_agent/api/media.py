@@ -2,8 +2,9 @@
 in a chosen format) and ``/v1/live`` (Opus as it is captured).
 
 ``/v1/audio`` plans the whole response from metadata before the first byte
-(`plan_audio`); the body is then produced block by block in worker threads (at
-most one decoded segment in memory) under a concurrency cap: at most
+(`cut.plan_held`); the body is then produced block by block in worker threads
+(`cut.produce`, shared with the fleet's answers and ``fleet get``; at most one
+decoded segment in memory) under a concurrency cap: at most
 ``api.max_audio_encodes`` responses at once, others queue for
 ``api.audio_queue_seconds`` or get a 503. If audio planned from the ring is
 evicted before it is sent, or a segment cannot be decoded, the response is cut
@@ -20,12 +21,9 @@ the API's own modules; never agent, another stage, metrics or systemd.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 from functools import partial
 from typing import Any, Final
 
-import numpy as np
 import trio
 from numpy.typing import NDArray
 from starlette.requests import Request
@@ -35,19 +33,21 @@ from ..audio.pcm import SampleFormat, mix_down
 from ..blocking import ThreadRunner
 from ..clock import Clock, iso_utc
 from ..config import ApiConfig
-from ..ring import AudioRing, EvictedError
-from ..wire import SegmentMeta, SegmentState
+from ..ring import AudioRing
 from .counters import ApiStats
-from .decode import (
-    SegmentUnreadable,
-    UnsafePath,
-    decode_segment,
-    open_segment,
-    resample_exact,
-    windows,
+from .cut import (
+    AUDIO_FORMATS,
+    EXTENSIONS,
+    OPUS_BITRATE,
+    RangeTooLong,
+    oldest_held,
+    open_renderer,
+    plan_held,
+    produce,
+    spool_reader,
 )
 from .params import ApiError, choice, int_param, query_params, time_param
-from .plan import MAX_GAPS_LISTED, AudioPlan, RingPiece, SegmentPiece, Silence, plan_audio
+from .plan import MAX_GAPS_LISTED, AudioPlan, SegmentPiece
 from .render import Abort, Renderer, Sink, StreamResponse
 from .seams import SpoolView
 
@@ -55,20 +55,9 @@ __all__ = ["AUDIO_FORMATS", "EXTENSIONS", "GAPS_HEADER", "MediaRoutes"]
 
 #: Response header listing the holes in a /v1/audio response (see the module doc).
 GAPS_HEADER: Final = "X-Audio-Gaps"
-#: /v1/audio output formats and their content types. pcm is raw s16le, interleaved.
-AUDIO_FORMATS: Final = {
-    "opus": "audio/ogg; codecs=opus",
-    "wav": "audio/wav",
-    "flac": "audio/ogg; codecs=flac",
-    "pcm": "application/octet-stream",
-}
-#: File name extensions by format (of responses and of segment downloads).
-EXTENSIONS: Final = {"opus": "opus", "wav": "wav", "flac": "oga", "pcm": "raw"}
 
 _MIN_RATE, _MAX_RATE = 8000, 192000
 _MAX_CHANNELS = 8
-_OPUS_BITRATE = 64000
-_BLOCK_SECONDS = 1.0  # audio converted per trip to a worker thread
 _CAPTURE_WAIT = 2.0  # how long /v1/audio waits for capture to reach `end`
 _FUTURE_SLACK = 1.0  # an `end` this far past the device's clock is still "now"
 _LIVE_FLUSH = 0.25  # seconds between Ogg pages forced out to a live listener
@@ -134,7 +123,7 @@ class MediaRoutes:
         fill = choice(p, "fill", "none", ("none", "silence")) == "silence"
         if "bitrate" in p and fmt != "opus":
             raise ApiError(400, "bitrate: only for format=opus", "bitrate")
-        bitrate = int_param(p, "bitrate", _OPUS_BITRATE, 6000, 256000)
+        bitrate = int_param(p, "bitrate", OPUS_BITRATE, 6000, 256000)
         now = self.clock.utc()
         if end > now + _FUTURE_SLACK:
             raise ApiError(400, f"end: {iso_utc(end)} is in the future (the device's clock "
@@ -145,14 +134,11 @@ class MediaRoutes:
         try:
             await self._wait_for_capture(end)
             plan = self._plan(start, end, fill)
-            frames_out = (plan.frames if rate == ring.rate
-                          else plan.frames * rate // ring.rate)
-            if fmt == "wav" and 44 + frames_out * channels * 2 > 0xFFFFFFFF:
-                raise ApiError(400, "format: this range is too long for a WAV file "
-                                    "(4 GiB); ask for flac or pcm", "format")
-            comments = {"ENCODER": "edge-agent", "DEVICE": self.device_id,
-                        "DATE": iso_utc(plan.first_utc or start)}
-            renderer = Renderer(fmt, ring.rate, rate, channels, bitrate, frames_out, comments)
+            try:
+                renderer = open_renderer(plan, fmt, rate=rate, channels=channels,
+                                         device_id=self.device_id, bitrate=bitrate)
+            except RangeTooLong as exc:
+                raise ApiError(400, f"format: {exc}", "format") from None
         except BaseException:
             if token is not None:
                 self._audio_slots.release_on_behalf_of(token)
@@ -204,30 +190,15 @@ class MediaRoutes:
                 await ring.wait_for(ring.head + max(1, math.ceil(missing)))
 
     def _plan(self, start: float, end: float, fill: bool) -> AudioPlan:
-        ring = self.ring
-        segments: list[SegmentMeta] = []
-        if self.spool is not None:
-            segments = [m for m, s in self.spool.list(since=start, until=end,
-                                                      newest_first=False)
-                        if s is not SegmentState.QUARANTINED]
-        guard = min(30.0, ring.capacity / ring.rate / 4)
-        plan = plan_audio(ring, segments, start, end, fill=fill, guard=guard)
+        plan = plan_held(self.ring, self.spool, start, end, fill=fill)
         if plan.audio_frames == 0:
-            oldest = self._oldest_available()
+            oldest = oldest_held(self.ring, self.spool)
             where = (f"the oldest audio held starts at {iso_utc(oldest)}" if oldest is not None
                      else "no audio is held")
             raise ApiError(404, f"no audio held between {iso_utc(start)} and {iso_utc(end)}; "
                                 f"{where}", "start",
                            oldest=iso_utc(oldest) if oldest is not None else None)
         return plan
-
-    def _oldest_available(self) -> float | None:
-        ring = self.ring
-        times = [ring.index_to_utc(ring.tail)] if ring.head > ring.tail else []
-        if self.spool is not None:
-            rows = self.spool.list(newest_first=False)
-            times += [m.start_ts for m, s in rows[:50] if s is not SegmentState.QUARANTINED]
-        return min(times) if times else None
 
     def _audio_headers(self, plan: AudioPlan, fmt: str, rate: int, channels: int,
                        renderer: Renderer, start: float) -> dict[str, str]:
@@ -256,57 +227,10 @@ class MediaRoutes:
         return headers
 
     async def _produce_audio(self, plan: AudioPlan, renderer: Renderer, sink: Sink) -> None:
-        ring = self.ring
-        block = max(1, round(_BLOCK_SECONDS * ring.rate))
-        encode = self.encode_runner
-
-        async def render(pcm: NDArray[Any]) -> None:
-            await sink.send(await encode.run(renderer.feed, pcm))
-
-        try:
-            await sink.send(renderer.start())
-            for item in plan.items:
-                if isinstance(item, Silence):
-                    for n in _blocks(item.frames, block):
-                        await render(np.zeros((n, ring.channels), dtype=ring.dtype))
-                elif isinstance(item, RingPiece):
-                    for a in range(item.start, item.stop, block):
-                        try:
-                            pcm = ring.read(a, min(item.stop, a + block))
-                        except EvictedError as exc:
-                            raise Abort(f"audio from {iso_utc(item.utc)} left the ring before "
-                                        f"it was sent: {exc}") from None
-                        await render(pcm)
-                else:
-                    for window in windows(item, ring.rate):
-                        pcm = await self.io_runner.run(self._segment_pcm, window)
-                        for a in range(0, len(pcm), block):
-                            await render(pcm[a : a + block])
-                        del pcm
-            await sink.send(await encode.run(renderer.finish))
-        finally:
-            renderer.close()
-
-    def _segment_pcm(self, piece: SegmentPiece) -> NDArray[Any]:
-        """The planned frames of one segment, at the ring's rate (worker thread)."""
-        meta = piece.meta
-        spool = self.spool
-        if spool is None:  # never planned: segments are disabled
-            raise Abort(f"segment {meta.id}: segments are disabled")
-        try:
-            fd, _size = open_segment(spool, meta.id)
-        except (FileNotFoundError, UnsafePath) as exc:
-            raise Abort(f"segment {meta.id} is no longer readable: {exc}") from None
-        try:
-            part = decode_segment(fd, meta, piece.first, piece.last)
-        except SegmentUnreadable as exc:
-            raise Abort(f"segment {meta.id} cannot be decoded: {exc}") from None
-        finally:
-            os.close(fd)
-        rate = self.ring.rate
-        if meta.rate != rate:
-            part = resample_exact(part, meta.rate, rate, piece.frames)
-        return part
+        read = (spool_reader(self.spool, self.ring.rate) if self.spool is not None
+                else _no_segments)
+        await produce(plan, renderer, sink, ring=self.ring, read_segment=read,
+                      encode_runner=self.encode_runner, io_runner=self.io_runner)
 
     # -- /v1/live -----------------------------------------------------------------
 
@@ -321,7 +245,7 @@ class MediaRoutes:
         if ring.channels > 1 and channels > ring.channels:
             raise ApiError(400, f"channels: expected at most {ring.channels}, got {channels}",
                            "channels")
-        bitrate = int_param(p, "bitrate", _OPUS_BITRATE, 6000, 256000)
+        bitrate = int_param(p, "bitrate", OPUS_BITRATE, 6000, 256000)
         headers = {"Content-Type": AUDIO_FORMATS["opus"], "Cache-Control": "no-store",
                    "X-Audio-Rate": str(ring.rate), "X-Audio-Channels": str(channels)}
         if request.method == "HEAD":
@@ -380,8 +304,6 @@ class MediaRoutes:
             encoder.close()
 
 
-def _blocks(total: int, size: int) -> Iterator[int]:
-    while total > 0:
-        n = min(size, total)
-        yield n
-        total -= n
+def _no_segments(piece: SegmentPiece) -> NDArray[Any]:
+    """Never called: without a spool no segment is planned."""
+    raise Abort(f"segment {piece.meta.id}: segments are disabled")

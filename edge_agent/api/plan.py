@@ -169,10 +169,11 @@ def _ring_pieces(ring: AudioRing, lo: float, hi: float) -> list[RingPiece]:
     return out
 
 
-def _trim(piece: RingPiece | SegmentPiece, ring: AudioRing, cursor: float,
+def _trim(piece: RingPiece | SegmentPiece, ring: AudioRing | None, cursor: float,
           rate: int) -> RingPiece | SegmentPiece | None:
     """The part of ``piece`` at or after ``cursor`` (an overlap with what came before)."""
     if isinstance(piece, RingPiece):
+        assert ring is not None  # a ring piece comes from the ring
         # Half a frame early: the frame meant to follow the cursor, despite jitter.
         start = max(piece.start, ring.utc_to_index(cursor - 0.5 / piece.rate))
         if start >= piece.stop:
@@ -187,8 +188,9 @@ def _trim(piece: RingPiece | SegmentPiece, ring: AudioRing, cursor: float,
     return SegmentPiece(m, first, piece.last, piece.utc + (first - piece.first) / m.rate, frames)
 
 
-def plan_audio(ring: AudioRing, segments: Sequence[SegmentMeta], start: float, end: float,
-               *, fill: bool = False, guard: float = 30.0) -> AudioPlan:
+def plan_audio(ring: AudioRing | None, segments: Sequence[SegmentMeta], start: float,
+               end: float, *, rate: int | None = None, gap_tolerance: float | None = None,
+               fill: bool = False, guard: float = 30.0) -> AudioPlan:
     """Plan the audio of ``[start, end)`` (UTC seconds) at the ring's rate.
 
     The ring serves what it holds from ``guard`` seconds after its oldest frame
@@ -197,17 +199,28 @@ def plan_audio(ring: AudioRing, segments: Sequence[SegmentMeta], start: float, e
     that point. Where both hold the same stretch the earlier piece wins and the
     later one is trimmed to follow it. Holes longer than the ring's gap
     tolerance become gaps, filled with silence when ``fill``.
+
+    Without a ring (the operator, who has only segments fetched from the bucket)
+    the plan is made of ``segments`` alone, at ``rate`` with ``gap_tolerance``
+    (both required then; with a ring they default to the ring's).
     """
-    rate = ring.rate
-    tol = ring.gap_tolerance
+    if ring is not None:
+        if rate not in (None, ring.rate):
+            raise ValueError(f"plan_audio: rate {rate} is not the ring's ({ring.rate})")
+        rate = ring.rate
+        tol = ring.gap_tolerance if gap_tolerance is None else gap_tolerance
+    elif rate is None or gap_tolerance is None:
+        raise ValueError("plan_audio without a ring needs rate and gap_tolerance")
+    else:
+        tol = gap_tolerance
     plan = AudioPlan(start, end, rate)
-    held = ring.head > ring.tail
-    ring_from = ring.index_to_utc(ring.tail) + guard if held else math.inf
+    held = ring is not None and ring.head > ring.tail
+    ring_from = ring.index_to_utc(ring.tail) + guard if ring is not None and held else math.inf
     pieces: list[RingPiece | SegmentPiece] = []
     for meta in sorted(segments, key=lambda m: (m.start_ts, m.id)):
         if meta.start_ts < ring_from and meta.end_ts > start and meta.start_ts < end:
             pieces.extend(_segment_pieces(meta, start, end, rate))
-    if held:
+    if ring is not None and held:
         pieces.extend(_ring_pieces(ring, start, end))
     # Segments before the ring where both start together: the ring is the fallback.
     pieces.sort(key=lambda p: (p.utc, isinstance(p, RingPiece)))
