@@ -203,7 +203,7 @@ class Fleet:
         """The store's time, as well as we know it."""
         return self.clock.utc() + self.objects.auth.offset
 
-    async def _each(self, items: Sequence[T], work: Callable[[T], Awaitable[object]]) -> None:
+    async def each(self, items: Sequence[T], work: Callable[[T], Awaitable[object]]) -> None:
         """Run `work` on every item, `config.concurrency` at a time."""
         async def one(item: T) -> None:
             async with self._limit:
@@ -226,7 +226,7 @@ class Fleet:
             if device is not None:
                 rows[device] = await self._row(device, item.last_modified)
 
-        await self._each(listed, read)
+        await self.each(listed, read)
         return [rows[d] for d in sorted(rows)]
 
     async def _row(self, device: str, listed_at: float) -> DeviceRow:
@@ -307,7 +307,7 @@ class Fleet:
             if stored is not None and not stored.meta.recording:
                 metas[segment_id] = stored
 
-        await self._each(inside, read)
+        await self.each(inside, read)
         # Of those that start before the range, only the last few can reach into it.
         for segment_id in reversed(before):
             stored = await self._sidecar(found[segment_id])
@@ -409,7 +409,7 @@ class Fleet:
         async def read(request_id: str) -> None:
             results[request_id] = await self.result(device, request_id)
 
-        await self._each(sorted(ids), read)
+        await self.each(sorted(ids), read)
         placed = {r.id: r for r in box.requests}
         return [RequestRow(i, placed.get(i), results.get(i)) for i in sorted(ids)]
 
