@@ -67,7 +67,8 @@ def parse_time(text: str, now: float, what: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise FleetError(f"{what} {text!r}: expected an ISO 8601 time such as "
-                         "2026-11-24T05:30:00Z, now, or now minus a span such as now-15m, now-2h, now-1d")
+                         "2026-11-24T05:30:00Z, now, or now minus a span such as now-15m, "
+                         "now-2h, now-1d")
     return value
 
 
@@ -245,9 +246,9 @@ class _Command:
                 placed = await getter.request_missing(cut, _ANSWER_FORMAT[args.format], _who())
                 self._note(f"asked {device} for {len(placed)} stretch(es) not in the bucket: "
                            + ", ".join(r.id for r in placed))
-                answers, cut.pending = await getter.wait(device, [r.id for r in placed], wait,
-                                                         self._progress(device))
-                await getter.add_answers(cut, answers)
+                answers, waiting = await getter.wait(device, [r.id for r in placed], wait,
+                                                     self._progress(device))
+                await getter.add_answers(cut, answers, [r for r in placed if r.id in waiting])
             if cut.plan.audio_frames == 0:
                 self._report(cut, args.format)
                 self._note(f"nothing of {device} between {_when(start)} and {_when(end)} to "
@@ -259,7 +260,7 @@ class _Command:
                                  "(the channels captured)")
             await getter.write(cut, output, args.format, args.rate, args.channels)
         self._report(cut, args.format)
-        return 1 if any(h.reason == "missing" for h in cut.holes) or cut.pending else 0
+        return 1 if any(h.reason in ("missing", "pending") for h in cut.holes) else 0
 
     def _progress(self, device: str) -> Callable[[float, list[str]], None] | None:
         if not self.err.isatty():
@@ -290,7 +291,7 @@ class _Command:
                 "segments": [s.key for s in cut.segments],
                 "answers": [msgspec.to_builtins(a) for a in cut.answers],
                 "pending": cut.pending, "holes": [_hole_json(h) for h in cut.holes],
-                "complete": not cut.pending and all(h.reason != "missing" for h in cut.holes)})
+                "complete": all(h.reason not in ("missing", "pending") for h in cut.holes)})
         elif cut.path is not None:
             used = [*{item.meta.id for item in cut.plan.items if isinstance(item, SegmentPiece)}]
             answers = sum(1 for u in used if u.startswith("answer-"))
@@ -384,6 +385,7 @@ def _age(s: float) -> str:
 
 def _reason(hole: Hole) -> str:
     return {"missing": "not in the bucket (--request asks the device)",
+            "pending": "asked of the device, no answer yet",
             "capture": "never captured (a hole the device recorded)",
             "not_held": "no longer held by the device",
             "overrun": "lost on the device (its segmenter fell behind)",
@@ -422,8 +424,8 @@ def _device_cells(row: DeviceRow) -> tuple[str, ...]:
 
 def _request_cells(row: RequestRow) -> tuple[str, ...]:
     req, res = row.request, row.result
-    start = (req.start if req else res.start if res else "")[:19]
-    end = (req.end if req else res.end if res else "")[:19]
+    start = (req.start if req else res.start if res else "")[:19] + "Z"
+    end = (req.end if req else res.end if res else "")[:19] + "Z"
     fmt = req.format if req else res.format if res else ""
     detail = ""
     if res is not None:

@@ -50,8 +50,9 @@ _FALLBACK_RATE: Final = 16000  # the rate of a plan with nothing in it
 @dataclass(frozen=True)
 class Hole:
     """``seconds`` of the range from ``utc`` not in the output. ``reason``:
-    "missing" (not in the bucket), "capture" (a hole inside a stored segment:
-    the device never had it), or a device's reason from its answer."""
+    "missing" (not in the bucket), "pending" (asked of the device, no answer
+    yet), "capture" (a hole inside a stored segment: the device never had it),
+    or the reason of a device's answer ("not_held", "refused by the device: ...")."""
 
     utc: float
     seconds: float
@@ -85,19 +86,24 @@ def plan_stored(metas: Sequence[SegmentMeta], start: float, end: float) -> Audio
     return plan_audio(None, metas, start, end, rate=rate, gap_tolerance=GAP_TOLERANCE)
 
 
-def holes(plan: AudioPlan, stored: Sequence[SegmentMeta],
-          answers: Sequence[Result] = ()) -> list[Hole]:
+def holes(plan: AudioPlan, stored: Sequence[SegmentMeta], answers: Sequence[Result] = (),
+          pending: Sequence[Request] = ()) -> list[Hole]:
     """The plan's holes, each with why: inside a stored segment (the segment's
     own reason, "capture" by default), inside a stretch the device was asked for
-    (refused with its reason, or not held by it), or else "missing" from the bucket.
-    The whole range is one hole when nothing is planned."""
+    (refused with its reason, not held by it, or "pending" while unanswered), or
+    else "missing" from the bucket. The whole range is one hole when nothing is
+    planned."""
     if plan.first_utc is None:
         spans = [(plan.start, plan.end - plan.start)]
     else:
         spans = [(g.utc, g.seconds) for g in plan.gaps]
     out = []
     for utc, seconds in spans:
-        out.append(Hole(utc, seconds, _why(utc, seconds, stored, answers)))
+        reason = _why(utc, seconds, stored, answers)
+        if reason == "missing" and any(r.start_ts - GAP_TOLERANCE <= utc < r.end_ts
+                                       for r in pending):
+            reason = "pending"
+        out.append(Hole(utc, seconds, reason))
     return out
 
 
@@ -196,8 +202,10 @@ class Getter:
             await trio.sleep(min(poll, max(0.0, seconds - elapsed)))
         return [answers[i] for i in ids if i in answers], [i for i in ids if i not in answers]
 
-    async def add_answers(self, cut: Cut, answers: list[Result]) -> None:
-        """Download the answers with audio and plan the range again with them."""
+    async def add_answers(self, cut: Cut, answers: list[Result],
+                          pending: Sequence[Request] = ()) -> None:
+        """Download the answers with audio and plan the range again with them
+        (`pending`: the requests still unanswered, whose holes say so)."""
         metas = [s.meta for s in cut.segments]
         cut.answers = answers
         for result in answers:
@@ -207,7 +215,8 @@ class Getter:
             await self._download(result.key, meta)
             metas.append(meta)
         cut.plan = plan_stored(metas, cut.start, cut.end)
-        cut.holes = holes(cut.plan, [s.meta for s in cut.segments], answers)
+        cut.holes = holes(cut.plan, [s.meta for s in cut.segments], answers, pending)
+        cut.pending = [r.id for r in pending]
 
     async def _download(self, key: str, meta: SegmentMeta) -> None:
         """The object at `key` into the work directory, checked against `meta`."""

@@ -211,16 +211,31 @@ def test_get_stitches_a_range_across_segments_sample_for_sample_and_names_the_mi
     assert out_file.stat().st_size == 28000 * 2
 
 
-def answer_as_the_device(seaweed: LocalSeaweed, recorded: Recorded) -> Request:
-    """Wait for a request in DEVICE's mailbox and answer it from the spool the
-    bucket never saw, cut by the agent's own cut (`api.cut`), as a device does."""
+def mailbox_ids(seaweed: LocalSeaweed, device: str) -> set[str]:
+    async def read() -> set[str]:
+        async with store_as(seaweed, ADMIN) as store:
+            got = await store.get(records.mailbox_key(device))
+            return ({r.id for r in records.decode(got.body, Mailbox).requests}
+                    if got.status == 200 else set())
+
+    return trio.run(read)
+
+
+def answer_as_the_device(seaweed: LocalSeaweed, recorded: Recorded, seen: set[str]) -> Request:
+    """Wait for a new request (not in `seen`) in DEVICE's mailbox and answer it from
+    the spool the bucket never saw, cut by the agent's own cut (`api.cut`)."""
 
     async def answer() -> Request:
         async with store_as(seaweed, IDENTITIES[DEVICE].credentials) as store:
             with trio.fail_after(60):
-                while (got := await store.get(records.mailbox_key(DEVICE))).status != 200:
+                while True:
+                    got = await store.get(records.mailbox_key(DEVICE))
+                    new = [r for r in (records.decode(got.body, Mailbox).requests
+                                       if got.status == 200 else []) if r.id not in seen]
+                    if new:
+                        break
                     await trio.sleep(0.05)
-            request = records.decode(got.body, Mailbox).requests[0]
+            request = new[0]
             spool = recorded.held_spool
             plan = plan_audio(None, [recorded.held], request.start_ts, request.end_ts,
                               rate=RATE, gap_tolerance=0.25)
@@ -251,13 +266,14 @@ def test_get_with_request_asks_the_device_for_the_missing_part_and_splices_its_a
     toml: Path, tmp_path: Path, seaweed: LocalSeaweed, recorded: Recorded,
 ) -> None:
     out_file = tmp_path / "whole.wav"
+    seen = mailbox_ids(seaweed, DEVICE)
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "fleet", "get", DEVICE, iso_utc(T0 + 1),
          iso_utc(T0 + 8), "-o", str(out_file), "--format", "wav", "--request",
          "--timeout", "60", "--json", "-c", str(toml)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        request = answer_as_the_device(seaweed, recorded)
+        request = answer_as_the_device(seaweed, recorded, seen)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -269,6 +285,24 @@ def test_get_with_request_asks_the_device_for_the_missing_part_and_splices_its_a
     pcm, _rate = read_wav(out_file)
     assert np.array_equal(pcm, recorded.samples(T0 + 1, T0 + 8))
     assert f"asked {DEVICE} for 1 stretch(es) not in the bucket: {request.id}" in err
+
+
+def test_get_with_request_says_what_is_still_pending_when_the_device_does_not_answer(
+    capsys: pytest.CaptureFixture[str], toml: Path, tmp_path: Path, seaweed: LocalSeaweed,
+    recorded: Recorded,
+) -> None:
+    seen = mailbox_ids(seaweed, DEVICE)
+    code, out, err = fleet(capsys, toml, "get", DEVICE, iso_utc(T0 + 5), iso_utc(T0 + 7),
+                           "-o", str(tmp_path / "part.opus"), "--request", "--timeout", "0.3",
+                           "--json")
+    assert code == 1
+    got = json.loads(out)
+    (placed,) = mailbox_ids(seaweed, DEVICE) - seen
+    assert got["pending"] == [placed] and got["complete"] is False
+    assert got["holes"] == [{"utc": iso_utc(T0 + 6), "seconds": pytest.approx(1.0),
+                             "reason": "pending"}]
+    assert got["frames"] == RATE  # the stored second is written all the same
+    assert f"request {placed}: no answer yet" in err
 
 
 # ----------------------------------------------------------------------------
