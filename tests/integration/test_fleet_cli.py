@@ -133,8 +133,9 @@ class Recorded:
         self.uploaded = uploaded
         self.held = held
         self.held_spool = held_spool
-        self.pcm = np.concatenate([read_wav(uploaded_spool.audio_path(m.id))[0]
-                                   for m in uploaded] + [read_wav(held_spool.audio_path(held.id))[0]])
+        files = [uploaded_spool.audio_path(m.id) for m in uploaded]
+        self.pcm = np.concatenate([read_wav(f)[0] for f in
+                                   [*files, held_spool.audio_path(held.id)]])
 
     def samples(self, start: float, end: float) -> np.ndarray:
         """What the device recorded from `start` to `end` (all four segments)."""
