@@ -25,13 +25,10 @@ from ..s3 import Credentials, read_credentials
 from ..schema import convert_table
 from ..wire import DEFAULT_KEY_TEMPLATE, check_s3_target
 
-__all__ = ["DEFAULT_PATH", "FleetConfig", "load_fleet_config"]
-
-#: Where ``edge-agent fleet`` looks for its file unless ``--config`` names one.
-DEFAULT_PATH = "fleet.toml"
+__all__ = ["OperatorConfig", "load_operator_config"]
 
 
-class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole of ``fleet.toml`` (one table, no sections)."""
 
     endpoint: Annotated[str, Meta(description=(
@@ -79,15 +76,15 @@ class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return read_credentials(self.credentials_file, self.profile, key="credentials_file")
 
 
-def load_fleet_config(path: str | os.PathLike[str]) -> FleetConfig:
+def load_operator_config(path: str | os.PathLike[str]) -> OperatorConfig:
     """Read and check `path`; `ConfigError` with one line per problem, each
     starting with the file's name."""
     p = Path(path)
     raw = read_toml(p)
     problems: list[str] = []
     bad: list[str] = []
-    value = convert_table(raw, FleetConfig, "", problems, bad)
-    assert isinstance(value, FleetConfig)
+    value = convert_table(raw, OperatorConfig, "", problems, bad)
+    assert isinstance(value, OperatorConfig)
     for key, problem in check_s3_target(value.endpoint, value.region, value.bucket,
                                         value.addressing, value.key_template):
         if key not in bad:

@@ -4,7 +4,7 @@ placed in and read back from a device's mailbox.
 
 What a device last did is judged by the store's ``Last-Modified``, never by the
 device's own clock (a Pi without a real-time clock may be hours off), and a
-device is stale once that is older than `FleetConfig.stale_after` of the
+device is stale once that is older than `OperatorConfig.stale_after` of the
 heartbeat interval the device itself announces.
 
 Segments are found by listing the day prefixes of ``key_template`` that can
@@ -39,7 +39,7 @@ from ..clock import Clock
 from ..errors import EdgeAgentError
 from ..s3 import Listed, ObjectClient
 from ..wire import DEVICE_ID_PATTERN, SegmentMeta
-from .fleetconfig import FleetConfig
+from .fleetconfig import OperatorConfig
 from .records import (
     MAILBOX_LIMIT,
     STATUS_PREFIX,
@@ -193,7 +193,7 @@ class Fleet:
             signer from its ``Date`` headers) is added to it.
     """
 
-    def __init__(self, config: FleetConfig, objects: ObjectClient, clock: Clock) -> None:
+    def __init__(self, config: OperatorConfig, objects: ObjectClient, clock: Clock) -> None:
         self.config = config
         self.objects = objects
         self.clock = clock

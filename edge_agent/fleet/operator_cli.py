@@ -35,7 +35,7 @@ from ..clock import Clock, SystemClock, iso_utc
 from ..config import ConfigError
 from ..errors import ungrouped
 from ..s3 import ObjectClient, S3Error, SigV4
-from .fleetconfig import FleetConfig, load_fleet_config
+from .fleetconfig import OperatorConfig, load_operator_config
 from .operator import DeviceRow, Fleet, FleetError, RequestRow, check_device
 from .operator_get import Cut, Format, Getter, Hole, workdir
 from .records import FORMAT_EXTENSIONS, MAILBOX_LIMIT, Request, new_request_id, parse_utc
@@ -93,7 +93,7 @@ def run_fleet(args: argparse.Namespace, *, clock: Clock | None = None,
     out = out or sys.stdout
     err = err or sys.stderr
     _check_options(args)
-    config = load_fleet_config(args.config)
+    config = load_operator_config(args.config)
     try:
         credentials = config.credentials()
     except ConfigError as exc:
@@ -121,7 +121,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 class _Command:
-    def __init__(self, config: FleetConfig, args: argparse.Namespace, clock: Clock,
+    def __init__(self, config: OperatorConfig, args: argparse.Namespace, clock: Clock,
                  out: TextIO, err: TextIO) -> None:
         self.config = config
         self.args = args

@@ -33,7 +33,7 @@ from edge_agent.cli import main
 from edge_agent.clock import SystemClock, iso_utc
 from edge_agent.config import S3Config, UploadConfig
 from edge_agent.fleet import records
-from edge_agent.fleet.fleetconfig import load_fleet_config
+from edge_agent.fleet.fleetconfig import load_operator_config
 from edge_agent.fleet.operator import Fleet
 from edge_agent.fleet.records import Heartbeat, Mailbox, Request, Result
 from edge_agent.s3 import Credentials, ObjectClient, SigV4
@@ -350,7 +350,7 @@ def test_concurrent_requests_all_land_in_the_mailbox(
         placed.append(json.loads(out)["id"])
 
     # ...and eight more from one process, all reading the same ETag first.
-    config = load_fleet_config(toml)
+    config = load_operator_config(toml)
 
     async def place_many() -> tuple[list[str], int]:
         async with store_as(seaweed, ADMIN) as store:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import ConfigError
-from edge_agent.fleet.fleetconfig import load_fleet_config
+from edge_agent.fleet.fleetconfig import load_operator_config
 from edge_agent.fleet.operator import FleetError, listing_prefixes, sidecar_pattern
 from edge_agent.fleet.operator_cli import parse_time
 from edge_agent.fleet.operator_get import holes, plan_stored
@@ -93,10 +93,10 @@ def test_nothing_stored_is_one_missing_hole() -> None:
 def test_fleet_toml_takes_credentials_next_to_it(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text('bucket = "audio"\ncredentials_file = "keys"\n')
-    assert load_fleet_config(path).credentials_file == str(tmp_path / "keys")
+    assert load_operator_config(path).credentials_file == str(tmp_path / "keys")
     (tmp_path / "keys").write_text("[default]\naws_access_key_id = A\n")
     with pytest.raises(ConfigError) as caught:
-        load_fleet_config(path).credentials()
+        load_operator_config(path).credentials()
     assert caught.value.problems == [f"credentials_file: {tmp_path / 'keys'}: expected "
                                      "aws_secret_access_key = ... under [default]"]
 
@@ -106,7 +106,7 @@ def test_fleet_toml_names_every_bad_key_once(tmp_path: Path) -> None:
     path.write_text('bucket = "audio"\ncredentials_file = "k"\nstale_after = 0.5\n'
                     'addressing = "dns"\nregion = "US East"\nmax_devices = 0\n')
     with pytest.raises(ConfigError) as caught:
-        load_fleet_config(path)
+        load_operator_config(path)
     keys = [line.split(": ")[1] for line in caught.value.problems]
     assert sorted(keys) == ["addressing", "max_devices", "region", "stale_after"]
     assert all(line.startswith(f"{path}: ") for line in caught.value.problems)
