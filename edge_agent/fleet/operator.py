@@ -27,10 +27,11 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import msgspec
 import trio
@@ -177,6 +178,14 @@ def listing_prefixes(template: str, device: str, start: float, end: float) -> li
     return out
 
 
+def _stops_at_segment(template: str) -> bool:
+    """Whether the segment id comes right after what `listing_prefixes` lists."""
+    for _text, name, _spec, _conv in string.Formatter().parse(template):
+        if name is not None and name not in ("device", "yyyy", "mm", "dd"):
+            return name == "segment"
+    return False
+
+
 def segment_start(segment_id: str) -> float:
     """The start (UTC seconds) a segment id names, to the millisecond."""
     stamp = datetime.strptime(segment_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
@@ -286,14 +295,29 @@ class Fleet:
         pattern = sidecar_pattern(cfg.key_template, device)
         found: dict[str, str] = {}  # segment id -> sidecar key
         budget = cfg.max_segments * 2 + 1000  # audio and sidecar per segment, and a margin
+        # Where the segment id follows the prefix, keys list in time order: the
+        # listing starts at the lookback and stops at the end of the range.
+        ordered = _stops_at_segment(cfg.key_template)
+        first = datetime.fromtimestamp(start - SEGMENT_LOOKBACK, tz=UTC).strftime("%Y%m%dT%H%M%S")
         for prefix in listing_prefixes(cfg.key_template, device, start, end):
-            async for item in self.objects.list(prefix, limit=budget):
-                m = pattern.fullmatch(item.key)
-                if m is None:
-                    continue
-                t = segment_start(m.group("segment"))
-                if start - SEGMENT_LOOKBACK <= t < end:
-                    found[m.group("segment")] = item.key
+            seen = 0
+            # (`list` is an async generator: closed at once when the loop stops early)
+            listing = cast(AsyncGenerator[Listed, None], self.objects.list(
+                prefix, start_after=prefix + first if ordered else "", limit=budget))
+            async with aclosing(listing):
+                async for item in listing:
+                    seen += 1
+                    m = pattern.fullmatch(item.key)
+                    if m is None:
+                        continue
+                    t = segment_start(m.group("segment"))
+                    if ordered and t >= end:
+                        break
+                    if start - SEGMENT_LOOKBACK <= t < end:
+                        found[m.group("segment")] = item.key
+            if seen >= budget:
+                raise FleetError(f"more than {budget} keys under {prefix} (max_segments "
+                                 f"{cfg.max_segments}); ask for a shorter range")
         ids = sorted(found)
         inside = [i for i in ids if segment_start(i) >= start]
         before = [i for i in ids if segment_start(i) < start]

@@ -115,6 +115,8 @@ def _check_options(args: argparse.Namespace) -> None:
     output = getattr(args, "output", None)
     if output is not None and Path(output).is_dir():
         raise FleetError(f"-o {output}: is a directory, expected a file to write")
+    if output is not None and not Path(output).parent.is_dir():
+        raise FleetError(f"-o {output}: no directory {Path(output).parent} to write it in")
     device = getattr(args, "device", None)
     if device is not None:
         check_device(device)
@@ -140,9 +142,13 @@ class _Command:
                 status: int = await handler(fleet)
                 return status
         except BaseException as exc:  # one line for what a person can fix
-            raise self._one_line(exc) from None
+            line = self._one_line(exc)
+            if line is None:
+                raise
+            raise line from None
 
-    def _one_line(self, exc: BaseException) -> BaseException:
+    def _one_line(self, exc: BaseException) -> BaseException | None:
+        """The error to end with in one line; None for a bug (its traceback shows)."""
         exc = ungrouped(exc)
         where = self.config.endpoint or f"AWS S3 ({self.config.region})"
         if isinstance(exc, S3Error):
@@ -155,7 +161,11 @@ class _Command:
             return FleetError(f"the store at {where}: {exc}")
         if isinstance(exc, (Abort, RangeTooLong)):
             return FleetError(str(exc))
-        return exc
+        if isinstance(exc, OSError) and exc.filename:  # writing the output, the work files
+            return FleetError(f"{exc.filename}: {exc.strerror or exc}")
+        if isinstance(exc, (FleetError, ConfigError, KeyboardInterrupt)):
+            return exc
+        return None
 
     def _print_json(self, value: object) -> None:
         text = msgspec.json.format(msgspec.json.encode(value), indent=2).decode()

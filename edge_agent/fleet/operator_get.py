@@ -255,12 +255,16 @@ class Getter:
                                  device_id=cut.device)
         cut.frames = renderer.frames_out
         part = out.with_name(out.name + ".part")
-        with part.open("wb") as f:
-            sink = FileSink(f, self.runner)
-            await produce(plan, renderer, sink, ring=None,
-                          read_segment=file_reader(lambda m: self.files[m.id], plan.rate),
-                          encode_runner=self.runner, io_runner=self.runner)
-        await self.runner.run(FileOps().replace, part, out)
+        try:
+            with part.open("wb") as f:
+                sink = FileSink(f, self.runner)
+                await produce(plan, renderer, sink, ring=None,
+                              read_segment=file_reader(lambda m: self.files[m.id], plan.rate),
+                              encode_runner=self.runner, io_runner=self.runner)
+            await self.runner.run(FileOps().replace, part, out)
+        except BaseException:
+            part.unlink(missing_ok=True)  # no half-written file left behind
+            raise
         cut.path, cut.bytes, cut.sha256 = out, sink.bytes, sink.sha256
 
 

@@ -440,6 +440,7 @@ def test_a_full_mailbox_takes_no_more(
     (("request", DEVICE, "yesterday", "now"), "START 'yesterday': expected an ISO 8601 time"),
     (("requests", "../etc"), "device '../etc': expected a device id"),
     (("get", DEVICE, "now-1h", "now", "-o", "x", "--rate", "7"), "--rate 7: expected"),
+    (("get", DEVICE, "now-1h", "now", "-o", "no-such-dir/x.wav"), "no directory no-such-dir"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], toml: Path, recorded: Recorded,
