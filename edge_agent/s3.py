@@ -38,7 +38,7 @@ import hashlib
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -581,32 +581,3 @@ class ObjectClient:
             token = root.findtext(f"{_S3_NS}NextContinuationToken") or ""
             if root.findtext(f"{_S3_NS}IsTruncated") != "true" or not token:
                 return
-
-    async def download(self, key: str, write: Callable[[bytes], Awaitable[object]]
-                       ) -> Fetched:
-        """Stream the object at `key` into `write`, chunk by chunk, with no size
-        limit (segments and retrieval answers, which may be large); a 404 `Fetched`
-        when there is none. `write` may be called again from the start when the
-        store corrects our clock before the first byte (nothing was written then)."""
-        url = object_url(self.config, key)
-        for _ in range(2):
-            offset = self.auth.offset
-            self.requests += 1
-            async with self.client.stream("GET", url, headers={
-                    "x-amz-content-sha256": EMPTY_SHA256}, auth=self.auth) as response:
-                if response.status_code == 200:
-                    async for part in response.aiter_bytes():
-                        await write(part)
-                    return Fetched(200, b"", response.headers.get("etag"),
-                                   _http_date(response.headers.get("last-modified")))
-                body = b""
-                async for part in response.aiter_bytes():
-                    body += part
-                    if len(body) >= ERROR_BODY_BYTES:
-                        break
-            code = error_code(body[:ERROR_BODY_BYTES])[0]
-            if code != "RequestTimeTooSkewed" or self.auth.offset == offset:
-                break
-        if response.status_code == 404 and code in ("NoSuchKey", ""):
-            return Fetched(404)
-        raise self._error("GET", key, response, body)

@@ -24,7 +24,7 @@ import hashlib
 import secrets
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, cast
@@ -36,6 +36,7 @@ from ..api.plan import AudioPlan, SegmentPiece, plan_audio
 from ..blocking import ThreadRunner
 from ..clock import iso_utc
 from ..fs import FileOps
+from ..s3 import EMPTY_SHA256, ObjectClient, object_url
 from ..wire import GapNote, SegmentMeta
 from .operator import Fleet, FleetError, StoredSegment
 from .records import Request, Result, new_request_id, parse_utc
@@ -227,8 +228,8 @@ class Getter:
                 digest.update(data)
                 await self.runner.run(f.write, data)
 
-            got = await self.fleet.objects.download(key, write)
-        if got.status != 200:
+            found = await stream_object(self.fleet.objects, key, write)
+        if not found:
             raise FleetError(f"{key}: gone from the bucket while the range was being cut")
         if meta.sha256 and digest.hexdigest() != meta.sha256:
             raise FleetError(f"{key}: its SHA-256 ({digest.hexdigest()}) is not the one its "
@@ -266,6 +267,30 @@ class Getter:
             part.unlink(missing_ok=True)  # no half-written file left behind
             raise
         cut.path, cut.bytes, cut.sha256 = out, sink.bytes, sink.sha256
+
+
+async def stream_object(objects: ObjectClient, key: str,
+                        write: Callable[[bytes], Awaitable[None]]) -> bool:
+    """Stream the object at `key` into `write` (segments and answers may be far
+    larger than `ObjectClient.get` holds in memory); False when there is none.
+
+    An answer other than 200 is asked again through `ObjectClient.get`, which
+    says what it means (a 404, or an `S3Error` in one line); when that GET
+    succeeds (the signer corrected its clock meanwhile) the stream is tried once
+    more. Nothing was written by a failed attempt."""
+    url = object_url(objects.config, key)
+    for _ in range(2):
+        objects.requests += 1
+        async with objects.client.stream("GET", url, auth=objects.auth, headers={
+                "x-amz-content-sha256": EMPTY_SHA256}) as response:
+            if response.status_code == 200:
+                async for part in response.aiter_bytes():
+                    await write(part)
+                return True
+        if (await objects.get(key)).status == 404:
+            return False
+    raise FleetError(f"{key}: the store answered {response.status_code} to reading it "
+                     "and then served it; try again")
 
 
 def workdir() -> tempfile.TemporaryDirectory[str]:
