@@ -22,7 +22,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO, cast
+from typing import Final, TextIO, cast
 
 import httpx
 import msgspec
@@ -34,7 +34,7 @@ from ..api.render import Abort
 from ..clock import Clock, SystemClock, iso_utc
 from ..config import ConfigError
 from ..errors import ungrouped
-from ..s3 import ObjectClient, S3Error, SigV4
+from ..s3 import Credentials, ObjectClient, S3Error, SigV4
 from .fleetconfig import OperatorConfig, load_operator_config
 from .operator import DeviceRow, Fleet, FleetError, RequestRow, check_device
 from .operator_get import Cut, Format, Getter, Hole, workdir
@@ -123,6 +123,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 class _Command:
+    """One subcommand's run: its handler is the method named after it."""
+
     def __init__(self, config: OperatorConfig, args: argparse.Namespace, clock: Clock,
                  out: TextIO, err: TextIO) -> None:
         self.config = config
@@ -132,7 +134,7 @@ class _Command:
         self.err = err
         self.as_json: bool = args.json
 
-    async def run(self, credentials: Any) -> int:
+    async def run(self, credentials: Credentials) -> int:
         auth = SigV4(credentials, self.config.region, self.clock)
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
