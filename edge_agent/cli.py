@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="how long to wait for answers (default: 3)")
     disc.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
+    _fleet_parser(sub)
+
     cfg = sub.add_parser("config", help="create, check, show or edit a config file")
     csub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     init = csub.add_parser("init", help="write a complete default config")
@@ -101,6 +103,44 @@ def _parser() -> argparse.ArgumentParser:
     setp.add_argument("path", type=Path)
     setp.add_argument("assignments", nargs="+", metavar="key.path=value")
     return p
+
+
+def _fleet_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fleet = sub.add_parser("fleet", help="the operator's view of a fleet through the bucket "
+                           "it uploads to (fleet.toml)")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=Path("fleet.toml"),
+                        help="the operator's fleet.toml (default: ./fleet.toml)")
+    common.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    times = ("times: ISO 8601 (UTC unless an offset is given), now, or now minus a span: "
+             "now-15m, now-2h, now-1d")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return fsub.add_parser(name, help=help_text, parents=[common], epilog=times)
+
+    add("devices", "a table of the devices from their heartbeats; stale ones marked")
+    seg = add("segments", "a device's segments in the bucket in a range, and the holes")
+    seg.add_argument("device")
+    seg.add_argument("--from", dest="from_", required=True, metavar="TIME")
+    seg.add_argument("--to", required=True, metavar="TIME")
+    get = add("get", "a range of a device's audio, stitched from the bucket (and the device)")
+    req = add("request", "ask a device for a range of audio (answered into the bucket)")
+    for p in (get, req):
+        p.add_argument("device")
+        p.add_argument("start", metavar="START")
+        p.add_argument("end", metavar="END")
+        p.add_argument("--format", default="opus", choices=["opus", "wav", "flac", "pcm"],
+                       help="default: opus")
+        p.add_argument("--rate", type=int, help="sample rate (default: as captured)")
+        p.add_argument("--channels", type=int, help="channels (default: as captured)")
+    get.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
+    get.add_argument("--request", action="store_true",
+                     help="ask the device for what the bucket lacks, wait and splice it in")
+    get.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="how long --request waits (default: timeout_seconds of fleet.toml)")
+    reqs = add("requests", "a device's retrieval requests of the last week and their state")
+    reqs.add_argument("device")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args.data_dir, fast=args.fast, serve=args.serve)
         if args.command == "discover":
             return _discover(args.seconds, as_json=args.json)
+        if args.command == "fleet":
+            from .fleet.operator_cli import run_fleet
+
+            return run_fleet(args)
     except _Fail as exc:
         print_error(str(exc))
         return EXIT_USAGE

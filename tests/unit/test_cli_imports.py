@@ -64,3 +64,9 @@ def test_levels_loads_audio_but_no_server_or_network_client() -> None:
     got = run("--log-level", "error", "levels", "--seconds", "0.1", "--device", "x")
     # (no device "x" here, or no PortAudio: either way the command got that far)
     assert not {"hypercorn", "starlette", "httpx", "zeroconf"} & set(got["heavy"])  # type: ignore[arg-type]
+
+
+def test_fleet_help_loads_none_of_the_heavy_parts() -> None:
+    # The operator's command loads the store's client only when it runs.
+    got = run("fleet", "get", "--help")
+    assert got["heavy"] == [] and "--request" in str(got["out"])
