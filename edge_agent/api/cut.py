@@ -117,9 +117,8 @@ def oldest_held(ring: AudioRing, spool: SpoolView | None) -> float | None:
     """UTC of the oldest audio the device holds (ring or spool), None when nothing."""
     times = [ring.index_to_utc(ring.tail)] if ring.head > ring.tail else []
     if spool is not None:
-        rows = spool.list(newest_first=False)
-        times += [m.start_ts for m, s in rows[:_OLDEST_SCANNED]
-                  if s is not SegmentState.QUARANTINED]
+        rows = spool.list(newest_first=False, limit=_OLDEST_SCANNED)
+        times += [m.start_ts for m, s in rows if s is not SegmentState.QUARANTINED]
     return min(times) if times else None
 
 

@@ -70,11 +70,13 @@ from .device_core import (
     FleetStats,
     answer_gaps,
     expired,
+    invalid,
     next_poll,
+    not_held,
     not_yet,
-    refusal,
 )
 from .records import (
+    MAILBOX_LIMIT,
     Heartbeat,
     Mailbox,
     Request,
@@ -95,6 +97,9 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_SECONDS: Final = 1.0
 #: Attempts at cutting one request before it is refused as failed.
 MAX_ATTEMPTS: Final = 3
+#: The largest object the device reads (its mailbox, a result record): a larger
+#: mailbox is an error in one line, not megabytes in a Pi's memory (bytes).
+MAX_READ_BYTES: Final = 1 << 20
 _CHUNK = 1 << 20  # bytes of an answer's file read per trip to a worker thread
 _JSON = "application/json"
 
@@ -180,7 +185,7 @@ class FleetDevice:
                                      follow_redirects=False) as client:
             self._client = client
             self._bucket = Bucket(s3, auth, self.clock)
-            self.objects = ObjectClient(s3, auth, client)
+            self.objects = ObjectClient(s3, auth, client, max_bytes=MAX_READ_BYTES)
             log.info("fleet ready device=%s bucket=%s mailbox=%s kept=%d", self.device_id,
                      s3.bucket, mailbox_key(self.device_id), len(self._kept))
             task_status.started()
@@ -250,22 +255,31 @@ class FleetDevice:
             st.mailbox_empty += 1
             self._etag, self._requests, self._readable = None, [], True
             self._ok("mailbox")
+            await self._io.run(self._forget_all_but, set())
         else:
             st.mailbox_changes += 1
             # Remembered even when unreadable: it is not read again until it changes.
             self._etag = fetched.etag
             try:
-                self._requests = list(decode(fetched.body, Mailbox).requests)
+                requests = decode(fetched.body, Mailbox).requests
             except ValueError as exc:
                 self._requests, self._readable = [], False
                 self._failed("mailbox", f"{mailbox_key(self.device_id)}: {exc}")
             else:
                 self._readable = True
                 self._ok("mailbox")
-                await self._io.run(self._drop_kept_not_in, {r.id for r in self._requests})
+                if len(requests) > MAILBOX_LIMIT:  # the operator never writes more
+                    st.requests_over_limit += len(requests) - MAILBOX_LIMIT
+                    self._failed("mailbox size", f"{mailbox_key(self.device_id)}: "
+                                 f"{len(requests)} requests; only the first {MAILBOX_LIMIT} "
+                                 "are read")
+                self._requests = requests[:MAILBOX_LIMIT]
+                await self._io.run(self._forget_all_but, {r.id for r in self._requests})
         return await self._work()
 
     async def _work(self) -> bool:
+        """Take up to ``max_requests_per_poll`` requests of the last mailbox read (a
+        look for an earlier run's result counts as one); True when more are due."""
         cfg, st = self.config, self.stats
         now = self.clock.utc()
         taken = 0
@@ -276,24 +290,21 @@ class FleetDevice:
                 st.requests_expired += 1
                 await self._done(request.id)
                 continue
-            why = _unreadable(request)
+            why = invalid(request, cfg, self.ring.channels)
             if why is None and not_yet(request, now):
                 st.requests_waiting += 1
                 continue
             if taken >= cfg.max_requests_per_poll:
                 return True
+            taken += 1
             tries, last = self._attempts.get(request.id, (0, ""))
             if why is None and tries >= MAX_ATTEMPTS:
                 why = f"failed: {tries} attempts; the last: {last}"
             try:
                 if why is not None:
-                    taken += 1
                     await self._refuse(request, why)
-                    continue
-                if request.id not in self._kept and await self._result_exists(request):
-                    continue
-                taken += 1
-                await self._answer(request)
+                elif request.id in self._kept or not await self._result_exists(request):
+                    await self._answer(request)
             except (_Retry, S3Error, httpx.HTTPError, OSError) as exc:
                 st.requests_failed += 1
                 self._failed("answer", exc)
@@ -327,31 +338,32 @@ class FleetDevice:
         if kept is not None:
             await self._io.run(_unlink, kept.record, kept.audio)
 
-    def _drop_kept_not_in(self, ids: set[str]) -> None:
-        """Kept answers whose request left the mailbox (the operator withdrew it)."""
+    def _forget_all_but(self, ids: set[str]) -> None:
+        """Drop the kept answers and failure counts of requests that left the
+        mailbox (answered, or withdrawn by the operator)."""
+        for request_id in [i for i in self._attempts if i not in ids]:
+            del self._attempts[request_id]
         for request_id in [i for i in self._kept if i not in ids]:
             kept = self._kept.pop(request_id)
             _unlink(kept.record, kept.audio)
 
     async def _answer(self, request: Request) -> None:
-        """Refuse `request`, or cut it (unless kept from before), store the audio, then
-        the result."""
+        """Cut a valid `request` (unless kept from before), store the audio, then the
+        result; or refuse it when the device holds none of its range."""
         kept = self._kept.get(request.id)
         if kept is None:
             ring = self.ring
             rate = request.rate or ring.rate
             channels = request.channels or ring.channels
             oldest = oldest_held(ring, self.spool)
-            why = refusal(request, self.config, oldest=oldest, rate=ring.rate,
-                          channels=ring.channels)
-            plan = None
-            if why is None:
-                plan = plan_held(ring, self.spool, request.start_ts, request.end_ts)
-                if plan.audio_frames == 0:
-                    why = (f"nothing_held: no audio held between {request.start} and "
-                           f"{request.end}")
-            if why is not None or plan is None or oldest is None:
+            why = not_held(request, oldest)
+            if why is not None or oldest is None:
                 await self._refuse(request, why or "nothing_held")
+                return
+            plan = plan_held(ring, self.spool, request.start_ts, request.end_ts)
+            if plan.audio_frames == 0:
+                await self._refuse(request, f"nothing_held: no audio held between "
+                                            f"{request.start} and {request.end}")
                 return
             try:
                 kept = await self._cut(request, plan, rate, channels, oldest)
@@ -373,7 +385,7 @@ class FleetDevice:
                         finished=iso_utc(self.clock.utc()))
         if await self._put_result(result):
             self.stats.requests_refused += 1
-        log.info("fleet request refused id=%s reason=%r", request.id, reason)
+            log.info("fleet request refused id=%s reason=%r", request.id, reason)
         await self._done(request.id)
 
     async def _put_result(self, result: Result) -> bool:
@@ -500,15 +512,6 @@ def _open_write(path: Path) -> BinaryIO:
 
 def _open_read(path: Path) -> BinaryIO:
     return path.open("rb")
-
-
-def _unreadable(request: Request) -> str | None:
-    """Why the request's times cannot be read (a date the pattern lets through)."""
-    try:
-        request.start_ts, request.end_ts  # noqa: B018 (parsed to see that they parse)
-    except ValueError as exc:
-        return f"bad_request: {exc}"
-    return None
 
 
 def _unlink(*paths: Path) -> None:

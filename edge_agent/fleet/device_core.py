@@ -28,15 +28,16 @@ __all__ = [
     "FleetStats",
     "answer_gaps",
     "expired",
+    "invalid",
     "next_poll",
+    "not_held",
     "not_yet",
-    "refusal",
 ]
 
 #: A poll comes this fraction earlier or later than its interval, at random, so a
 #: fleet started together does not poll the store together.
 POLL_JITTER: Final = 0.1
-#: Request ids remembered as answered (more than a mailbox holds).
+#: Request ids remembered as answered (more than a mailbox holds: `MAILBOX_LIMIT`).
 ANSWERED_REMEMBERED: Final = 1000
 #: A request whose range ends less than this before the device's clock waits
 #: for the next poll: capture has not delivered its last blocks yet (seconds).
@@ -58,6 +59,7 @@ class FleetStats:
     requests_failed: int = 0  # attempts that failed (retried at a later poll)
     requests_expired: int = 0  # placed longer ago than keep_results_hours: skipped
     requests_waiting: int = 0  # deferrals: the range is not all captured yet
+    requests_over_limit: int = 0  # requests past MAILBOX_LIMIT in a mailbox read: not read
     audio_already: int = 0  # audio PUTs the store answered "already there" (a redo)
     heartbeats: int = 0
     errors: int = 0  # failed polls, heartbeats and requests
@@ -107,15 +109,18 @@ def not_yet(request: Request, now: float) -> bool:
     return request.end_ts > now - CAPTURE_SETTLE_SECONDS
 
 
-def refusal(request: Request, config: FleetConfig, *, oldest: float | None, rate: int,
-            channels: int) -> str | None:
-    """Why `request` is refused before any audio is cut, or None.
+def invalid(request: Request, config: FleetConfig, channels: int) -> str | None:
+    """Why `request` itself cannot be answered, whatever the device holds, or None;
+    checked before a request waits for capture, so a range that ends in the year
+    9999 is refused at once rather than kept waiting. `channels`: the capture's.
 
-    The reason starts with a word scripts can match (``inverted``, ``too_long``,
-    ``bad_request``, ``nothing_held``, ``before_oldest``), then says it for a
-    person. `rate` and `channels` are the capture's.
+    The reason starts with a word scripts can match (``bad_request``,
+    ``inverted``, ``too_long``), then says it for a person.
     """
-    start, end = request.start_ts, request.end_ts
+    try:
+        start, end = request.start_ts, request.end_ts
+    except ValueError as exc:  # a date the pattern lets through (month 13)
+        return f"bad_request: {exc}"
     if end <= start:
         return f"inverted: end {request.end} is not after start {request.start}"
     if end - start > config.max_request_seconds:
@@ -128,9 +133,15 @@ def refusal(request: Request, config: FleetConfig, *, oldest: float | None, rate
     if request.channels is not None and 1 < channels < request.channels:
         return (f"bad_request: channels {request.channels}: expected at most {channels} "
                 "(the channels captured)")
+    return None
+
+
+def not_held(request: Request, oldest: float | None) -> str | None:
+    """Why a valid `request` gets no audio (``nothing_held``, ``before_oldest``), or
+    None; `oldest` is the UTC of the oldest audio the device holds."""
     if oldest is None:
         return "nothing_held: the device holds no audio"
-    if end <= oldest:
+    if request.end_ts <= oldest:
         return (f"before_oldest: the range ends at {request.end}, before the oldest audio "
                 f"held ({iso_utc(oldest)})")
     return None

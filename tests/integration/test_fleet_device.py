@@ -34,8 +34,9 @@ from edge_agent.audio.pcm import SampleFormat, read_wav
 from edge_agent.capture import Block, SourceStats
 from edge_agent.clock import ManualClock, SystemClock, iso_utc
 from edge_agent.config import ConfigError, S3Config, validate
-from edge_agent.fleet.device import FleetDevice
+from edge_agent.fleet.device import MAX_READ_BYTES, FleetDevice
 from edge_agent.fleet.records import (
+    MAILBOX_LIMIT,
     Heartbeat,
     Mailbox,
     Request,
@@ -48,6 +49,7 @@ from edge_agent.fleet.records import (
     result_key,
     status_key,
 )
+from edge_agent.ring import AudioRing
 from edge_agent.s3 import Credentials, ObjectClient, SigV4
 from edge_agent.supervisor import TaskStatus
 
@@ -57,6 +59,8 @@ from support.waiting import until
 BUCKET = "fleet-dev"
 DEVICE = "dev-fleet"
 RESTART = "dev-restart"
+BAD = "dev-bad-mail"
+BAD_KEYS = Credentials("BADMAILKEY", "bad-mail-secret")
 KEYS = Credentials("FLEETDEVKEY", "fleet-dev-secret")
 RESTART_KEYS = Credentials("RESTARTDEVKEY", "restart-dev-secret")
 # The first run of the restart test: may store the audio of an answer, not its result.
@@ -90,6 +94,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSeaweed]:
     store = LocalSeaweed(tmp_path_factory.mktemp("seaweed"), [
         DeviceIdentity(DEVICE, KEYS, (BUCKET,)),
         DeviceIdentity(RESTART, RESTART_KEYS, (BUCKET,)),
+        DeviceIdentity(BAD, BAD_KEYS, (BUCKET,)),
         AudioOnly("audio-only", AUDIO_ONLY_KEYS, (BUCKET,), of=RESTART),
     ])
     try:
@@ -398,3 +403,46 @@ def test_fleet_needs_the_s3_target_in_one_line() -> None:
                   "fleet": {"enabled": True, "poll_seconds": 2, "busy_poll_seconds": 5}})
     assert info.value.problems == ["fleet.busy_poll_seconds: expected at most "
                                    "fleet.poll_seconds (2), got 5"]
+
+
+async def test_a_bad_mailbox_is_one_line_and_the_device_keeps_answering(
+    tmp_path: Path, seaweed: LocalSeaweed,
+) -> None:
+    cfg = config(tmp_path, BAD, BAD_KEYS, seaweed.endpoint, max_requests_per_poll=4)
+    clock = ManualClock(utc_now=T0 + 60, mono_now=1000.0)
+    device = FleetDevice(cfg.fleet, cfg.upload, device_id=BAD, clock=clock,
+                         ring=AudioRing(rate=RATE, channels=1, dtype="int16", seconds=1.0),
+                         spool=None, work_dir=tmp_path / "fleet",
+                         figures=lambda: {"health": "ok", "uptime_seconds": 1.0},
+                         version="test")
+    st = device.stats
+    async with admin(seaweed) as objects, trio.open_nursery() as nursery:
+        await nursery.start(device.run)
+
+        async def write(body: bytes) -> None:
+            assert await objects.put(mailbox_key(BAD), body, "application/json") is not None
+
+        for body, error in ((b"{not json", "not JSON"),
+                            (b" " * (MAX_READ_BYTES + 1), f"larger than {MAX_READ_BYTES}")):
+            errors = st.errors
+            await write(body)
+            with trio.fail_after(10):
+                await until(lambda e=errors: st.errors > e)  # type: ignore[misc]
+            assert error in (st.last_error or "") and "\n" not in (st.last_error or "")
+
+        # Absurd times are refused at once; requests past the limit are not read.
+        old = msgspec.convert({"id": "x", "start": at(0.0), "end": at(1.0),
+                               "created": at(-9 * 86400.0)}, Request)
+        box = Mailbox(device=BAD, requests=[
+            msgspec.structs.replace(request("year-9999", 10.0, 20.0), end="9999-12-31T23:59:59Z"),
+            msgspec.structs.replace(request("month-13", 10.0, 20.0), end="2027-13-01T00:00:00Z"),
+            *[msgspec.structs.replace(old, id=f"expired-{i}") for i in range(MAILBOX_LIMIT - 2)],
+            request("past-the-limit", 10.0, 5.0)])
+        await write(encode(box))
+        with trio.fail_after(10):
+            await until(lambda: st.requests_refused == 2)
+        assert (await result_of(objects, BAD, "year-9999")).reason.startswith("too_long: ")
+        assert (await result_of(objects, BAD, "month-13")).reason.startswith("bad_request: ")
+        assert (st.requests_expired, st.requests_over_limit) == (MAILBOX_LIMIT - 2, 1)
+        assert (await objects.get(result_key(BAD, "past-the-limit"))).status == 404
+        nursery.cancel_scope.cancel()

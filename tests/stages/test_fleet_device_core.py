@@ -18,9 +18,10 @@ from edge_agent.fleet.device_core import (
     AnsweredIds,
     answer_gaps,
     expired,
+    invalid,
     next_poll,
+    not_held,
     not_yet,
-    refusal,
 )
 from edge_agent.fleet.records import Request, ResultGap
 from edge_agent.ring import AudioRing
@@ -51,19 +52,30 @@ def test_polls_spread_ten_percent_around_the_interval_and_come_sooner_when_busy(
     (req(0, 601), T0, "too_long: "),
     (req(0, 10, rate=1000), T0, "bad_request: rate 1000"),
     (req(0, 10, channels=3), T0, "bad_request: channels 3: expected at most 2"),
+    (msgspec.convert({"id": "r1", "start": "2026-13-01T00:00:00Z", "end": iso_utc(T0),
+                      "created": iso_utc(T0)}, Request), T0, "bad_request: "),
     (req(0, 10), None, "nothing_held: "),
     (req(-20, -10), T0, "before_oldest: "),
 ])
 def test_a_request_is_refused_with_a_reason_scripts_can_match(
     request_: Request, oldest: float | None, word: str,
 ) -> None:
-    why = refusal(request_, CFG, oldest=oldest, rate=16000, channels=2)
+    why = invalid(request_, CFG, channels=2) or not_held(request_, oldest)
     assert why is not None and why.startswith(word)
     assert "\n" not in why
 
 
 def test_a_request_reaching_before_the_oldest_audio_is_taken_up_not_refused() -> None:
-    assert refusal(req(-20, 10), CFG, oldest=T0, rate=16000, channels=1) is None
+    request_ = req(-20, 10)
+    assert invalid(request_, CFG, channels=1) is None and not_held(request_, T0) is None
+
+
+def test_a_range_far_in_the_future_is_refused_at_once_not_kept_waiting() -> None:
+    absurd = msgspec.convert({"id": "r1", "start": iso_utc(T0), "end": "9999-12-31T23:59:59Z",
+                              "created": iso_utc(T0)}, Request)
+    assert not_yet(absurd, T0)
+    why = invalid(absurd, CFG, channels=1)
+    assert why is not None and why.startswith("too_long: ")
 
 
 def test_old_requests_expire_and_ranges_not_captured_yet_wait() -> None:
