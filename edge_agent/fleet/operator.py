@@ -327,14 +327,14 @@ class Fleet:
         metas: dict[str, StoredSegment] = {}
 
         async def read(segment_id: str) -> None:
-            stored = await self._sidecar(found[segment_id])
+            stored = await self._sidecar(found[segment_id], segment_id)
             if stored is not None and not stored.meta.recording:
                 metas[segment_id] = stored
 
         await self.each(inside, read)
         # Of those that start before the range, only the last few can reach into it.
         for segment_id in reversed(before):
-            stored = await self._sidecar(found[segment_id])
+            stored = await self._sidecar(found[segment_id], segment_id)
             if stored is None or stored.meta.recording:
                 continue
             if stored.meta.end_ts <= start:
@@ -343,7 +343,10 @@ class Fleet:
         return sorted((s for s in metas.values() if s.meta.end_ts > start),
                       key=lambda s: (s.meta.start_ts, s.meta.id))
 
-    async def _sidecar(self, key: str) -> StoredSegment | None:
+    async def _sidecar(self, key: str, segment_id: str) -> StoredSegment | None:
+        """The segment of the sidecar at `key`, whose name says it is `segment_id`.
+        The audio is the key without ``.json`` (not what the sidecar says: a device
+        writes it, and must not point the operator at another device's objects)."""
         got = await self.objects.get(key)
         if got.status != 200:
             return None
@@ -351,7 +354,10 @@ class Fleet:
             side = msgspec.json.decode(got.body, type=_Sidecar)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise FleetError(f"{key}: not a segment's sidecar ({exc})") from None
-        return StoredSegment(side.key, side.segment)
+        if side.segment.id != segment_id:
+            raise FleetError(f"{key}: the sidecar describes segment {side.segment.id!r}, "
+                             f"not {segment_id}")
+        return StoredSegment(key.removesuffix(".json"), side.segment)
 
     # -- requests ------------------------------------------------------------------
 
@@ -363,6 +369,9 @@ class Fleet:
             return None
         try:
             answer: Result = decode(got.body, Result)
+            for text in (answer.start, answer.end, answer.first_utc or answer.start,
+                         answer.last_utc or answer.end, *(g.utc for g in answer.gaps)):
+                parse_utc(text)  # a date the pattern lets through (month 13) fails here
         except ValueError as exc:
             raise FleetError(f"{key}: {exc}") from None
         return answer

@@ -28,7 +28,7 @@ import httpx
 import msgspec
 import trio
 
-from ..api.cut import RangeTooLong
+from ..api.cut import MAX_CHANNELS, MAX_RATE, MIN_RATE, RangeTooLong
 from ..api.plan import SegmentPiece
 from ..api.render import Abort
 from ..clock import Clock, SystemClock, iso_utc
@@ -44,8 +44,6 @@ __all__ = ["parse_time", "run_fleet"]
 
 _SPANS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RELATIVE: Final = re.compile(r"(?:now)?(?:([-+])([0-9]+(?:\.[0-9]+)?)([smhd]))?")
-_RATES: Final = (8000, 192000)
-_MAX_CHANNELS: Final = 8
 # Answers to `get --request` come in the output's codec when the decoder reads it,
 # lossless for raw PCM.
 _ANSWER_FORMAT: Final = {"opus": "opus", "wav": "wav", "flac": "flac", "pcm": "flac"}
@@ -105,10 +103,10 @@ def run_fleet(args: argparse.Namespace, *, clock: Clock | None = None,
 def _check_options(args: argparse.Namespace) -> None:
     """The options that need neither the store nor fleet.toml, checked first."""
     rate, channels = getattr(args, "rate", None), getattr(args, "channels", None)
-    if rate is not None and not _RATES[0] <= rate <= _RATES[1]:
-        raise FleetError(f"--rate {rate}: expected {_RATES[0]} to {_RATES[1]} Hz")
-    if channels is not None and not 1 <= channels <= _MAX_CHANNELS:
-        raise FleetError(f"--channels {channels}: expected 1 to {_MAX_CHANNELS}")
+    if rate is not None and not MIN_RATE <= rate <= MAX_RATE:
+        raise FleetError(f"--rate {rate}: expected {MIN_RATE} to {MAX_RATE} Hz")
+    if channels is not None and not 1 <= channels <= MAX_CHANNELS:
+        raise FleetError(f"--channels {channels}: expected 1 to {MAX_CHANNELS}")
     timeout = getattr(args, "timeout", None)
     if timeout is not None and not 0 < timeout < math.inf:
         raise FleetError(f"--timeout {timeout:g}: expected a number of seconds above 0")
@@ -423,8 +421,8 @@ def _device_cells(row: DeviceRow) -> tuple[str, ...]:
         return (row.device, _age(row.age), state, row.problem, "", "", "", "")
     health = beat.health + (f" ({'; '.join(beat.reasons)})" if beat.reasons else "")
     sp = beat.spool
-    backlog = (f"{sp.get('segments', 0)} seg, {float(sp.get('seconds', 0)):.0f} s, "
-               f"{float(sp.get('mb', 0)):.1f} MB") if sp else ""
+    backlog = (f"{sp.get('segments', 0)} seg, {_number(sp.get('seconds', 0)):.0f} s, "
+               f"{_number(sp.get('mb', 0)):.1f} MB") if sp else ""
     ck = beat.clock
     offset = ck.get("offset_seconds")
     clock = ("synced" if ck.get("synced") else "NOT synced") + (
@@ -432,6 +430,11 @@ def _device_cells(row: DeviceRow) -> tuple[str, ...]:
     oldest = beat.oldest_audio[:19] + "Z" if beat.oldest_audio else ""
     return (row.device, _age(row.age), state, health, backlog, clock if ck else "", oldest,
             beat.version)
+
+
+def _number(value: object) -> float:
+    """A heartbeat's figure (a device wrote it: not a number shows as nan)."""
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _request_cells(row: RequestRow) -> tuple[str, ...]:

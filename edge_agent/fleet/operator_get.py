@@ -39,7 +39,15 @@ from ..fs import FileOps
 from ..s3 import EMPTY_SHA256, ObjectClient, object_url
 from ..wire import GapNote, SegmentMeta
 from .operator import Fleet, FleetError, StoredSegment
-from .records import Request, Result, new_request_id, parse_utc
+from .records import (
+    FORMAT_EXTENSIONS,
+    Request,
+    Result,
+    audio_key,
+    new_request_id,
+    parse_utc,
+    result_key,
+)
 
 __all__ = ["GAP_TOLERANCE", "Cut", "Hole", "answer_meta", "holes", "plan_stored"]
 
@@ -212,6 +220,11 @@ class Getter:
         for result in answers:
             if result.state == "refused" or not result.key or result.samples <= 0:
                 continue
+            key = result_key(cut.device, result.id)
+            if result.format not in FORMAT_EXTENSIONS or result.key != audio_key(
+                    cut.device, result.id, result.format):
+                raise FleetError(f"{key}: names the audio {result.key!r}, not the answer's "
+                                 "own key; the device's answer is not usable")
             meta = answer_meta(cut.device, result)
             await self._download(result.key, meta)
             metas.append(meta)
@@ -220,8 +233,9 @@ class Getter:
         cut.pending = [r.id for r in pending]
 
     async def _download(self, key: str, meta: SegmentMeta) -> None:
-        """The object at `key` into the work directory, checked against `meta`."""
-        path = self.workdir / f"{meta.id}.{meta.format}"
+        """The object at `key` into the work directory, checked against `meta`. The
+        file is named after the key's digest: nothing a device wrote names a path."""
+        path = self.workdir / hashlib.sha256(key.encode()).hexdigest()
         digest = hashlib.sha256()
         with path.open("wb") as f:
             async def write(data: bytes) -> None:

@@ -14,7 +14,7 @@ Per device, next to its segments in the bucket of ``[upload.s3]``:
 * ``status/{device}.json``: the device's `Heartbeat`, overwritten in place.
 
 Times are ISO 8601 UTC strings (``2026-11-24T05:30:00.000000Z``), as in
-segment metadata. Imports only the bottom layer.
+segment metadata. Imports only the bottom layer and the API's cut (its formats).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
+
+from ..api.cut import EXTENSIONS
 
 __all__ = [
     "FORMAT_EXTENSIONS",
@@ -51,8 +53,8 @@ REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: The most requests one mailbox holds (the operator refuses to add more).
 MAILBOX_LIMIT: Final = 100
 #: The formats a request may ask for, and the extension of the audio's key
-#: (the same as ``/v1/audio``'s downloads).
-FORMAT_EXTENSIONS: Final = {"opus": "opus", "wav": "wav", "flac": "oga", "pcm": "raw"}
+#: (``/v1/audio``'s own).
+FORMAT_EXTENSIONS: Final = EXTENSIONS
 STATUS_PREFIX: Final = "status/"
 _RECORD_VERSION: Final = 1
 

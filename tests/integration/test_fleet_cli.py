@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import trio
@@ -481,3 +482,28 @@ def test_every_bad_key_of_fleet_toml_is_named_at_once(
     lines = err.splitlines()
     assert len(lines) == 4, err  # region, bucket, key_template, credentials_file
     assert all(line.startswith(f"error: {toml}: ") for line in lines)
+
+
+def test_a_sidecar_naming_another_segment_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], toml: Path, tmp_path: Path, seaweed: LocalSeaweed,
+) -> None:
+    # A device writes its own sidecars: one naming a path outside the operator's
+    # work directory must not become a file name, nor the audio of another key.
+    device = "beat-ok"
+    start = MIDNIGHT + 86400.0
+    meta = seal(open_spool(tmp_path / "spool", format="wav"), 2.0, start)
+    key = f"{device}/{iso_utc(start)[:10].replace('-', '/')}/{meta.id}.wav"
+    forged = msgspec.structs.replace(meta, id="../../outside")
+    body = msgspec.json.encode({"key": f"{DEVICE}/elsewhere.wav", "device": device,
+                                "segment": forged})
+
+    async def put() -> None:
+        async with store_as(seaweed, IDENTITIES[device].credentials) as store:
+            assert await store.put(f"{key}.json", body, "application/json") is not None
+
+    trio.run(put)
+    code, out, err = fleet(capsys, toml, "get", device, iso_utc(start), iso_utc(start + 2),
+                           "-o", str(tmp_path / "out.wav"), "--format", "wav")
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert f"{key}.json: the sidecar describes segment '../../outside'" in err, err

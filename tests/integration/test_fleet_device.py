@@ -427,7 +427,7 @@ async def test_a_bad_mailbox_is_one_line_and_the_device_keeps_answering(
             errors = st.errors
             await write(body)
             with trio.fail_after(10):
-                await until(lambda e=errors: st.errors > e)  # type: ignore[misc]
+                await until(lambda e=errors: st.errors > e)
             assert error in (st.last_error or "") and "\n" not in (st.last_error or "")
 
         # Absurd times are refused at once; requests past the limit are not read.
