@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ from .device_core import (
     next_poll,
     not_held,
     not_yet,
+    too_large,
 )
 from .records import (
     MAILBOX_LIMIT,
@@ -364,6 +366,12 @@ class FleetDevice:
             if plan.audio_frames == 0:
                 await self._refuse(request, f"nothing_held: no audio held between "
                                             f"{request.start} and {request.end}")
+                return
+            free = (await self._io.run(shutil.disk_usage, self.work_dir)).free
+            frames = plan.frames * rate // plan.rate
+            why = too_large(request.format, frames, rate, channels, free)
+            if why is not None:
+                await self._refuse(request, why)
                 return
             try:
                 kept = await self._cut(request, plan, rate, channels, oldest)

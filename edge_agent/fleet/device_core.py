@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
-from ..api.cut import MAX_CHANNELS, MAX_RATE, MIN_RATE
+from ..api.cut import MAX_CHANNELS, MAX_RATE, MIN_RATE, OPUS_BITRATE
 from ..api.plan import MAX_GAPS_LISTED, AudioPlan
 from ..clock import iso_utc
 from ..config import FleetConfig
@@ -32,6 +32,7 @@ __all__ = [
     "next_poll",
     "not_held",
     "not_yet",
+    "too_large",
 ]
 
 #: A poll comes this fraction earlier or later than its interval, at random, so a
@@ -39,6 +40,9 @@ __all__ = [
 POLL_JITTER: Final = 0.1
 #: Request ids remembered as answered (more than a mailbox holds: `MAILBOX_LIMIT`).
 ANSWERED_REMEMBERED: Final = 1000
+#: The share of the free disk one answer may take while it waits to be stored
+#: (the spool's segments need the rest).
+ANSWER_DISK_SHARE: Final = 0.5
 #: A request whose range ends less than this before the device's clock waits
 #: for the next poll: capture has not delivered its last blocks yet (seconds).
 CAPTURE_SETTLE_SECONDS: Final = 2.0
@@ -158,3 +162,15 @@ def answer_gaps(plan: AudioPlan, oldest: float, tolerance: float) -> list[Result
         out.append(ResultGap(utc=iso_utc(gap.utc), seconds=round(gap.seconds, 6),
                              offset=round(gap.at, 6), reason=reason))
     return out
+
+
+def too_large(fmt: str, frames: int, rate: int, channels: int, free_bytes: int) -> str | None:
+    """Why an answer of `frames` at `rate` must not be cut on a disk with
+    `free_bytes` free (``too_large``), or None. The size is an upper bound: Opus
+    at its bit rate, the others as raw PCM (FLAC is never larger)."""
+    need = (frames / rate * OPUS_BITRATE / 8 * 1.25 if fmt == "opus"
+            else frames * channels * 2) + 65536
+    if need <= free_bytes * ANSWER_DISK_SHARE:
+        return None
+    return (f"too_large: the answer may need {need / 2**20:.0f} MB and the device has "
+            f"{free_bytes / 2**20:.0f} MB free; ask for opus, a lower rate or a shorter range")

@@ -22,6 +22,7 @@ from edge_agent.fleet.device_core import (
     next_poll,
     not_held,
     not_yet,
+    too_large,
 )
 from edge_agent.fleet.records import Request, ResultGap
 from edge_agent.ring import AudioRing
@@ -117,3 +118,11 @@ def test_a_plan_without_a_ring_equals_the_device_plan_of_the_same_segments(
     assert without == with_ring and without.audio_frames > 0
     with pytest.raises(ValueError, match="needs rate and gap_tolerance"):
         plan_audio(None, metas, start, end)
+
+
+def test_an_answer_that_could_fill_the_disk_is_refused() -> None:
+    hour = 3600 * 192000  # frames of an hour at 192 kHz
+    why = too_large("pcm", hour, 192000, 8, free_bytes=16 * 2**30)  # 11 GB of 16 GB free
+    assert why is not None and why.startswith("too_large: the answer may need 10547 MB")
+    assert too_large("opus", hour, 192000, 8, free_bytes=16 * 2**30) is None  # ~34 MB
+    assert too_large("pcm", 3600 * 16000, 16000, 1, free_bytes=16 * 2**30) is None
