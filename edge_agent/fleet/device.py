@@ -275,6 +275,8 @@ class FleetDevice:
                     self._failed("mailbox size", f"{mailbox_key(self.device_id)}: "
                                  f"{len(requests)} requests; only the first {MAILBOX_LIMIT} "
                                  "are read")
+                else:
+                    self._ok("mailbox size")
                 self._requests = requests[:MAILBOX_LIMIT]
                 await self._io.run(self._forget_all_but, {r.id for r in self._requests})
         return await self._work()

@@ -144,8 +144,9 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     """``retrievals/{device}/{id}.json``: how a request was answered.
 
     ``state``: "ok" (the whole range), "partial" (audio with ``gaps``), or
-    "refused" (no audio; ``reason`` says why: too long, before the oldest audio
-    held, nothing held in the range, a bad request).
+    "refused" (no audio; ``reason`` says why: too long, too large for the
+    device's disk, before the oldest audio held, nothing held in the range, a bad
+    request).
     """
 
     id: RequestId

@@ -212,7 +212,8 @@ async def test_a_device_without_a_port_answers_its_mailbox_sample_exact(
     agent.add_task("probe", probe.run)
     st = fleet.stats
     async with admin(seaweed) as objects:
-        # Placed before the audio exists: each waits until its range is captured.
+        # Placed before the audio exists: each valid one waits until its range is
+        # captured; the invalid ones are refused at once.
         await place(objects, DEVICE,
                     request("spool-and-ring", 24.0, 36.0),  # spool, then ring
                     request("capture-hole", 19.0, 25.0),  # 21..23 s never captured
@@ -227,7 +228,9 @@ async def test_a_device_without_a_port_answers_its_mailbox_sample_exact(
             with trio.fail_after(20):
                 await until(lambda: bool(segmenter.sealed)
                             and segmenter.sealed[-1].end_ts >= T0 + 40 - 1e-6)
-            assert st.requests_answered + st.requests_refused == 0
+            with trio.fail_after(10):
+                await until(lambda: st.requests_refused == 2)
+            assert st.requests_answered == 0
             assert st.requests_waiting > 0
             # One more, added to the mailbox the device already read.
             await place(objects, DEVICE, request("long-gone", -100.0, -80.0))
