@@ -318,7 +318,8 @@ class FleetConfig(_Section):
     max_request_seconds: Annotated[float, Meta(gt=0, le=86400, description=(
         "Longest range one request may ask for; longer ones are refused (seconds)"))] = 3600.0
     max_requests_per_poll: Annotated[int, Meta(ge=1, le=100, description=(
-        "Requests answered per reading of the mailbox, at most"))] = 4
+        "Requests taken up (answered, refused, or found answered) per mailbox reading"
+    ))] = 4
     keep_results_hours: Annotated[float, Meta(gt=0, le=8760, description=(
         "Requests placed longer ago than this are not answered (again) (hours)"))] = 168.0
 
