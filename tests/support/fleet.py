@@ -41,9 +41,9 @@ def credentials_file(path: Path, creds: Credentials) -> Path:
     return path
 
 
-def write_fleet_toml(directory: Path, endpoint: str, bucket: str, **extra: str) -> Path:
+def write_fleet_toml(directory: Path, endpoint: str, bucket: str, /, **extra: str) -> Path:
     """``directory/fleet.toml`` for the operator (the store's admin keys, next to it);
-    `extra`: more keys, their values written as TOML."""
+    `extra`: more keys or other values (``bucket``, ``endpoint`` too), written as TOML."""
     credentials_file(directory / "operator-keys", ADMIN)
     lines = {"endpoint": f'"{endpoint}"', "bucket": f'"{bucket}"',
              "credentials_file": '"operator-keys"', "poll_seconds": "0.1", **extra}
