@@ -83,6 +83,7 @@ async def recording(tmp_path: Path, seaweed: LocalSeaweed, device: str) -> Async
                            BUCKET)
     frames = round(CAPTURED * RATE)
     source = FastSource(SIGNAL[:, None], RATE, block=320, limit=frames, start_utc=start)
+    # The device's clock stays at `now`: every range asked for ended a minute ago.
     agent = Agent(config, clock=ManualClock(utc_now=now, mono_now=1000.0), source=source)
     source.ring_of = lambda: agent.ring
     assert agent.api is None  # nothing listens
