@@ -384,7 +384,7 @@ def test_fleet_needs_the_s3_target_in_one_line() -> None:
 async def test_a_bad_mailbox_is_one_line_and_the_device_keeps_answering(
     tmp_path: Path, seaweed: LocalSeaweed,
 ) -> None:
-    cfg = config(tmp_path, BAD, BAD_KEYS, seaweed.endpoint, max_requests_per_poll=4)
+    cfg = device_config(tmp_path, BAD, BAD_KEYS, seaweed.endpoint, BUCKET, max_requests_per_poll=4)
     clock = ManualClock(utc_now=T0 + 60, mono_now=1000.0)
     device = FleetDevice(cfg.fleet, cfg.upload, device_id=BAD, clock=clock,
                          ring=AudioRing(rate=RATE, channels=1, dtype="int16", seconds=1.0),
