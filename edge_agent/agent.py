@@ -38,7 +38,14 @@ from .config import AgentConfig, ConfigError, config_warnings, is_loopback, load
 from .discovery import Advertiser
 from .errors import StartupError
 from .fs import make_writable_dir
-from .metrics import AgentParts, agent_status, component_health, heartbeat_figures, make_registry
+from .metrics import (
+    AgentParts,
+    agent_status,
+    component_health,
+    health_state,
+    heartbeat_figures,
+    make_registry,
+)
 from .recordings import AgentRecordings, recording_routes
 from .ring import AudioRing
 from .spool import Segmenter, Spool
@@ -169,6 +176,7 @@ class Agent:
                 config.fleet, config.upload, device_id=config.device.id, ring=self.ring,
                 spool=self.spool, clock=self.clock, work_dir=self.data_dir / "fleet",
                 figures=partial(heartbeat_figures, self.parts, self.clock.mono()),
+                health=partial(health_state, self.parts),
                 version=agent_version())
             self.parts.fleet_stats = self.fleet.stats
             self.registry.register(FleetCollector(self.fleet.stats))

@@ -57,6 +57,7 @@ __all__ = [
     "agent_status",
     "component_health",
     "disk_free_bytes",
+    "health_state",
     "heartbeat_figures",
     "make_registry",
     "overall_status",
@@ -289,6 +290,13 @@ def agent_status(parts: AgentParts) -> dict[str, Any]:
         "discovery": parts.advertiser.stats if parts.advertiser is not None else None,
         "fleet": parts.fleet_stats,
     }
+
+
+def health_state(parts: AgentParts) -> tuple[str, tuple[str, ...]]:
+    """The agent's health in brief: its state and the components to blame (what a
+    fleet heartbeat is sent again at once for when it changes)."""
+    health = component_health(parts)
+    return overall_status(health), tuple(sorted(n for n, h in health.items() if not h.healthy))
 
 
 def heartbeat_figures(parts: AgentParts, started_mono: float) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -109,6 +109,9 @@ _JSON = "application/json"
 #: ("component: detail"), ``uptime_seconds``, ``capture``, ``clock``, ``spool``,
 #: ``last_synced_segment``, ``stt``, ``disk_free_mb`` (the fields of `Heartbeat`).
 FleetFigures = Callable[[], Mapping[str, Any]]
+#: The agent's health in brief (cheap: looked at every second), compared with the
+#: last one sent: a change sends a heartbeat at once.
+HealthState = Callable[[], Hashable]
 
 
 class _Retry(Exception):
@@ -140,13 +143,14 @@ class FleetDevice:
         clock: the device's wall clock.
         work_dir: where answers are cut and kept until stored (created at start).
         figures: the agent's figures for a heartbeat (see `FleetFigures`).
+        health: the agent's health in brief (see `HealthState`).
         version: the agent's version, named in heartbeats.
         transport: an httpx transport (tests); rng: the poll jitter's randomness.
     """
 
     def __init__(self, config: FleetConfig, upload: UploadConfig, *, device_id: str,
                  ring: AudioRing, spool: SpoolView | None, clock: Clock, work_dir: Path,
-                 figures: FleetFigures, version: str,
+                 figures: FleetFigures, health: HealthState, version: str,
                  transport: httpx.AsyncBaseTransport | None = None,
                  rng: random.Random | None = None) -> None:
         self.config = config
@@ -157,6 +161,7 @@ class FleetDevice:
         self.clock = clock
         self.work_dir = work_dir
         self.figures = figures
+        self.health = health
         self.version = version
         self.stats = FleetStats()
         self.objects: ObjectClient | None = None  # while running
@@ -483,16 +488,14 @@ class FleetDevice:
         """A heartbeat every ``heartbeat_seconds``, and at once on a health change; a
         failed one is tried again after ``poll_seconds`` at the latest."""
         cfg = self.config
-        sent_state: tuple[str, tuple[str, ...]] | None = None
+        sent_state: Hashable = None
         due = trio.current_time()
         while True:
-            figures = self.figures()
-            state = (str(figures.get("health", "")),
-                     tuple(sorted(str(r).split(":")[0] for r in figures.get("reasons", ()))))
+            state = self.health()
             now = trio.current_time()
             if state != sent_state or now >= due:
                 try:
-                    await self.send_heartbeat(figures)
+                    await self.send_heartbeat(self.figures())
                 except (S3Error, httpx.HTTPError, TypeError) as exc:
                     self._failed("heartbeat", exc)
                     due = now + min(cfg.heartbeat_seconds, cfg.poll_seconds)

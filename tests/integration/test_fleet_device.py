@@ -390,6 +390,7 @@ async def test_a_bad_mailbox_is_one_line_and_the_device_keeps_answering(
                          ring=AudioRing(rate=RATE, channels=1, dtype="int16", seconds=1.0),
                          spool=None, work_dir=tmp_path / "fleet",
                          figures=lambda: {"health": "ok", "uptime_seconds": 1.0},
+                         health=lambda: "ok",
                          version="test")
     st = device.stats
     async with admin(seaweed) as objects, trio.open_nursery() as nursery:
