@@ -53,7 +53,7 @@ from edge_agent.ring import AudioRing
 from edge_agent.s3 import Credentials, ObjectClient, SigV4
 from edge_agent.supervisor import TaskStatus
 
-from support.api_agent import RATE, SIGNAL, T0, ScriptedSource, at
+from support.api_agent import RATE, SIGNAL, T0, ScriptedSource, all_sealed, at
 from support.fleet import device_config, seaweed_store
 from support.waiting import until
 
@@ -196,11 +196,8 @@ async def test_a_device_without_a_port_answers_its_mailbox_sample_exact(
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
             await agent.capture_finished.wait()
-            segmenter = agent.segmenter
-            assert segmenter is not None
             with trio.fail_after(20):
-                await until(lambda: bool(segmenter.sealed)
-                            and segmenter.sealed[-1].end_ts >= T0 + 40 - 1e-6)
+                await all_sealed(agent)
             with trio.fail_after(10):
                 await until(lambda: st.requests_refused == 2)
             assert st.requests_answered == 0
@@ -312,11 +309,8 @@ async def test_a_device_stopped_between_audio_and_result_finishes_the_request_on
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)
             await first.capture_finished.wait()
-            segmenter = first.segmenter
-            assert segmenter is not None
             with trio.fail_after(20):
-                await until(lambda: bool(segmenter.sealed)
-                            and segmenter.sealed[-1].end_ts >= T0 + 40 - 1e-6)
+                await all_sealed(first)
             clock.advance(65.0)
             with trio.fail_after(30):
                 await until(lambda: first.fleet is not None

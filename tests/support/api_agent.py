@@ -90,6 +90,15 @@ class ScriptedSource:
                 await trio.lowlevel.checkpoint()
 
 
+async def all_sealed(agent: Agent) -> None:
+    """Wait until the segmenter has sealed every closed 5 s segment of the scripted
+    timeline (call once capture has finished, under a timeout)."""
+    segmenter = agent.segmenter
+    assert segmenter is not None
+    await until(lambda: bool(segmenter.sealed)
+                and segmenter.sealed[-1].end_ts >= T0 + AUDIO_SECONDS - 1e-6)
+
+
 @dataclass
 class Served:
     agent: Agent
@@ -126,12 +135,8 @@ async def serve_agent(tmp_path: Path, **api: Any) -> AsyncIterator[Served]:
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         await agent.capture_finished.wait()
-        segmenter = agent.segmenter
-        assert segmenter is not None
-        # The segmenter caught up: every closed 5 s segment is sealed.
         with trio.fail_after(10):
-            await until(lambda: bool(segmenter.sealed)
-                        and segmenter.sealed[-1].end_ts >= T0 + 40 - 1e-6)
+            await all_sealed(agent)
         clock.advance(60.0)  # "now" is after the capture
         assert agent.api is not None and agent.api.url is not None
         async with httpx.AsyncClient(base_url=agent.api.url, timeout=20,
