@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -23,27 +23,16 @@ from msgspec import Meta
 from ..config import ConfigError, S3Config, read_toml
 from ..s3 import Credentials, read_credentials
 from ..schema import convert_table
-from ..wire import DEFAULT_KEY_TEMPLATE, check_s3_target
+from ..wire import check_s3_target
 
 __all__ = ["OperatorConfig", "load_operator_config"]
 
 
-class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The whole of ``fleet.toml`` (one table, no sections)."""
+class OperatorConfig(S3Config):
+    """The whole of ``fleet.toml`` (one table, no sections): the bucket's settings
+    as the devices' ``[upload.s3]`` has them (``credentials_file`` holding the
+    operator's keys, relative to this file), and the command's own."""
 
-    endpoint: Annotated[str, Meta(description=(
-        "The store's URL, as the devices' upload.s3.endpoint (empty: AWS S3 in region)"))] = ""
-    region: Annotated[str, Meta(description="Region the requests are signed for")] = "us-east-1"
-    bucket: Annotated[str, Meta(description="The bucket the devices upload to")] = ""
-    addressing: Annotated[Literal["path", "virtual"], Meta(description=(
-        '"path": ENDPOINT/BUCKET/KEY; "virtual": BUCKET.ENDPOINT/KEY'))] = "path"
-    key_template: Annotated[str, Meta(description=(
-        "The devices' upload.s3.key_template (how their segments are keyed)"
-    ))] = DEFAULT_KEY_TEMPLATE
-    credentials_file: Annotated[str, Meta(description=(
-        "AWS shared-credentials file holding the operator's keys (relative: to this file)"
-    ))] = ""
-    profile: Annotated[str, Meta(description="Section of credentials_file to use")] = "default"
     stale_after: Annotated[float, Meta(gt=1, le=100, description=(
         "A device is stale when its last heartbeat is older than this many of its own "
         "heartbeat intervals"))] = 2.5
@@ -64,12 +53,6 @@ class OperatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         "How long `fleet get --request` waits for the answer by default (seconds)"))] = 900.0
     concurrency: Annotated[int, Meta(ge=1, le=64, description=(
         "Requests to the store in flight at once"))] = 8
-
-    def s3(self) -> S3Config:
-        """The bucket's settings in the shape the store's clients take."""
-        return S3Config(endpoint=self.endpoint, region=self.region, bucket=self.bucket,
-                        key_template=self.key_template, addressing=self.addressing,
-                        credentials_file=self.credentials_file, profile=self.profile)
 
     def credentials(self) -> Credentials:
         """The operator's keys (`ConfigError` in one line when they cannot be read)."""

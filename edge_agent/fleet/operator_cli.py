@@ -136,7 +136,7 @@ class _Command:
         auth = SigV4(credentials, self.config.region, self.clock)
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
-                fleet = Fleet(self.config, ObjectClient(self.config.s3(), auth, client),
+                fleet = Fleet(self.config, ObjectClient(self.config, auth, client),
                               self.clock)
                 handler = getattr(self, f"_{self.args.fleet_command}")
                 status: int = await handler(fleet)
