@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ClassVar, Protocol
 
-__all__ = ["Clock", "ManualClock", "SystemClock", "iso_utc", "ntp_synchronized"]
+__all__ = ["Clock", "ManualClock", "SystemClock", "iso_utc", "ntp_synchronized", "parse_iso_utc"]
 
 
 def iso_utc(t: float) -> str:
@@ -28,6 +28,15 @@ def iso_utc(t: float) -> str:
     every module prints times the same way.
     """
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso_utc(text: str) -> float:
+    """Seconds since the Unix epoch of an ISO 8601 time (the inverse of `iso_utc`);
+    one without an offset is UTC. ValueError for anything else."""
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
 
 
 class Clock(Protocol):

@@ -48,7 +48,7 @@ import httpx
 from awscrt import auth as crt_auth
 from awscrt import http as crt_http
 
-from .clock import Clock
+from .clock import Clock, parse_iso_utc
 from .config import ConfigError, S3Config, read_secret_text
 from .wire import Decision, Verdict, parse_retry_after
 
@@ -443,10 +443,6 @@ def _http_date(value: str | None) -> float | None:
         return None
 
 
-def _iso_date(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 class ObjectClient:
     """Reads, conditional writes and listings in the bucket of `config`, for small
     objects (the whole body in memory, at most `max_bytes`).
@@ -576,8 +572,8 @@ class ObjectClient:
                 yield Listed(item.findtext(f"{_S3_NS}Key") or "",
                              int(item.findtext(f"{_S3_NS}Size") or 0),
                              item.findtext(f"{_S3_NS}ETag") or "",
-                             _iso_date(item.findtext(f"{_S3_NS}LastModified") or
-                                       "1970-01-01T00:00:00Z"))
+                             parse_iso_utc(item.findtext(f"{_S3_NS}LastModified") or
+                                           "1970-01-01T00:00:00Z"))
             token = root.findtext(f"{_S3_NS}NextContinuationToken") or ""
             if root.findtext(f"{_S3_NS}IsTruncated") != "true" or not token:
                 return

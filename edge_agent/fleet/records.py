@@ -26,6 +26,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from ..api.cut import EXTENSIONS
+from ..clock import parse_iso_utc as parse_utc
 
 __all__ = [
     "FORMAT_EXTENSIONS",
@@ -88,15 +89,6 @@ def new_request_id(now_utc: float, token: str) -> str:
     """A request id that sorts by creation: ``20261124T053000Z-<token>``."""
     stamp = datetime.fromtimestamp(now_utc, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{token}"
-
-
-def parse_utc(text: str) -> float:
-    """Seconds since the epoch of an ISO 8601 time; one without an offset is UTC.
-    ValueError for anything else."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
