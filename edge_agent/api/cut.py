@@ -134,7 +134,7 @@ def open_renderer(plan: AudioPlan, fmt: str, *, rate: int, channels: int, device
     Raises:
         RangeTooLong: a WAV file of this length would pass 4 GiB.
     """
-    frames_out = plan.frames if rate == plan.rate else plan.frames * rate // plan.rate
+    frames_out = plan.frames_at(rate)
     if fmt == "wav" and 44 + frames_out * channels * 2 > _WAV_LIMIT:
         raise RangeTooLong("this range is too long for a WAV file (4 GiB); ask for flac or pcm")
     comments = {"ENCODER": "edge-agent", "DEVICE": device_id,

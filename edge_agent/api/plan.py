@@ -96,6 +96,10 @@ class AudioPlan:
     first_utc: float | None = None
     last_utc: float | None = None
 
+    def frames_at(self, rate: int) -> int:
+        """The plan's frames converted to `rate` (what a renderer of it emits)."""
+        return self.frames if rate == self.rate else self.frames * rate // self.rate
+
     @property
     def audio_frames(self) -> int:
         return sum(i.frames for i in self.items if not isinstance(i, Silence))

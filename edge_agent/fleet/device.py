@@ -375,8 +375,7 @@ class FleetDevice:
                                             f"{request.start} and {request.end}")
                 return
             free = (await self._io.run(shutil.disk_usage, self.work_dir)).free
-            frames = plan.frames * rate // plan.rate
-            why = too_large(request.format, frames, rate, channels, free)
+            why = too_large(request.format, plan.frames_at(rate), rate, channels, free)
             if why is not None:
                 await self._refuse(request, why)
                 return
