@@ -23,7 +23,7 @@ import trio
 
 from bench.common import BenchError
 
-__all__ = ["BackendProcess", "Job", "require_tool", "run_tool", "serve_backend"]
+__all__ = ["BackendProcess", "Job", "require_tool", "run_tool", "serve_backend", "wait_child"]
 
 
 def _child_env() -> dict[str, str]:
@@ -43,7 +43,7 @@ def require_tool(name: str) -> str:
     return path
 
 
-def _wait_child(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
+def wait_child(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
     """Reap `proc` with wait4 (its own rusage); kill it after `timeout` seconds.
 
     Returns (exit status, CPU seconds of the child).
@@ -66,7 +66,7 @@ def run_tool(argv: list[str]) -> float:
                             stderr=subprocess.PIPE)
     assert proc.stderr is not None
     err = proc.stderr.read()
-    code, cpu = _wait_child(proc, 600)
+    code, cpu = wait_child(proc, 600)
     if code != 0:
         raise BenchError(f"{argv[0]} failed (exit {code}): "
                          f"{err.decode('utf-8', 'replace').strip()[:300]}")
@@ -112,7 +112,7 @@ class BackendProcess:
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        _, cpu = _wait_child(self.proc, 30)
+        _, cpu = wait_child(self.proc, 30)
         return cpu
 
 
