@@ -114,13 +114,19 @@ KEY_DOCS: Final[tuple[tuple[str, str], ...]] = (
     ('`meta.wall_seconds`', 'wall time of the whole run'),
     ('`realtime.blocks.<ms>.agent_cpu_s_per_audio_hour`, `...trio_thread_s_per_audio_hour`',
      'the agent at real time, default config, capture delivered by a thread as a mic is'),
+    ('`realtime.blocks.<ms>.ratio_agent_to_c_tools_realtime`',
+     'the headline: agent / (sox + opusenc) on the same mono input at the same complexity, '
+     'both fed at real time in the same capture block'),
+    ('`realtime.blocks.<ms>.c_tools_realtime_cpu_s_per_audio_hour`, '
+     '`...c_tools_realtime_parts`', 'the C tools fed at real time through pipes by a thread '
+     'standing for `arecord` (`feeder`: that thread, counted as the agent\'s capture thread is)'),
     ('`realtime.blocks.<ms>.ratio_agent_to_c_tools`',
-     'the headline: agent / (sox + opusenc) on the same mono input at the same complexity'),
+     'agent / (sox + opusenc fed as fast as they go from files)'),
     ('`realtime.blocks.<ms>.trio_thread_wakes_per_s`, `...capture_wakes_per_s`, '
      '`...task_steps_per_s`', 'how often the Trio thread woke, how often capture woke it, '
      'and how often Trio ran each task'),
     ('`realtime.c_tools_cpu_s_per_audio_hour` (and its parts)',
-     '`sox` to 16 kHz + `opusenc` for STT + `opusenc` for segments'),
+     '`sox` to 16 kHz + `opusenc` for STT + `opusenc` for segments, as fast as they go'),
     ('`realtime.startup`', 'CPU s of `config check`, `--help`, and `run` to its ready line'),
     ('`realtime.before`', 'the figures before the capture thread woke Trio per batch'),
     ('`cpu.agent_cpu_s_per_audio_hour`',
