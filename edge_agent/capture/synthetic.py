@@ -107,7 +107,7 @@ class FileSource:
     """A WAV file delivered in capture blocks, converted to the capture format.
 
     The file is read block by block (memory does not depend on its length) and
-    resampled with libsamplerate when its rate differs from the capture rate.
+    resampled with libsoxr when its rate differs from the capture rate.
     """
 
     path: Path

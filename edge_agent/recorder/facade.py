@@ -11,7 +11,7 @@ edge-agent grew from a recorder library whose API people already use
   `store.Store` at `stop`;
 * `stream` is another reader per call: constant work per chunk, however long the
   recording; `segment` cuts any range the ring still holds;
-* resampling is libsamplerate (`StreamResampler`), encoders are the agent's one
+* resampling is libsoxr (`StreamResampler`), encoders are the agent's one
   factory (`audio.encoders`): Ogg Opus (libopusenc), Ogg FLAC and WAV as the
   spool writes them, MP3 through `lameenc` (the ``mp3`` extra).
 

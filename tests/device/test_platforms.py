@@ -79,7 +79,7 @@ def test_every_compiled_dependency_has_an_aarch64_wheel_wherever_it_has_an_x86_6
             assert abis == {"none"}, f"{label}: compiled wheels, none of them for Linux"
         else:
             assert package["source"] == {"editable": "."}, f"{label}: only an sdist"
-    assert compiled_everywhere >= 10  # numpy, samplerate, msgspec, cffi, ...: the check bites
+    assert compiled_everywhere >= 10  # numpy, soxr, msgspec, cffi, ...: the check bites
 
 
 def run_as(arch: str, script: str, tmp_path: Path, *args: str, copy: bool = True,

@@ -404,7 +404,7 @@ async def test_audio_wav_resampled_and_upmixed(tmp_path: Path) -> None:
         pcm, rate = read_wav(io.BytesIO(r.content))
         assert rate == 8000 and pcm.shape == (6 * 8000, 2)
         assert np.array_equal(pcm[:, 0], pcm[:, 1])
-        # Same as resampling the source in one go (libsamplerate), to rounding.
+        # Same as resampling the source in one go (soxr), to rounding.
         ref = resample(expected(30, 36), RATE, 8000)
         ref16 = np.clip(np.rint(ref * 32768), -32768, 32767)
         assert np.max(np.abs(pcm[:, 0].astype(np.int32) - ref16)) <= 1

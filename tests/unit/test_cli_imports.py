@@ -16,7 +16,7 @@ import pytest
 from edge_agent.wire import agent_version
 
 HEAVY = ("hypercorn", "starlette", "httpx", "zeroconf", "numpy", "trio", "sounddevice",
-         "samplerate", "pyogg", "prometheus_client", "tomlkit", "webrtcvad")
+         "soxr", "pyogg", "prometheus_client", "tomlkit", "webrtcvad")
 
 PROBE = """
 import contextlib, io, json, sys
