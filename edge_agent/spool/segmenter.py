@@ -13,6 +13,7 @@ Imports only the bottom layer (``ring``, ``supervisor``, ``blocking``, ``clock``
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
@@ -42,6 +43,8 @@ log = logging.getLogger("edge_agent.spool")
 # At shutdown a failed seal is retried (from the ring, in a new file) this many times
 # in all, within the grace period, without backoff.
 _FINAL_ATTEMPTS: Final = 3
+#: Seals `Segmenter.sealed` keeps (1.3 kB of metadata each).
+RECENT_SEALS: Final = 100
 # At shutdown, the share of the seal grace spent encoding; if the encode is still
 # behind then, the rest of the grace writes the backlog as WAV (a copy, no encoding).
 _ENCODE_SHARE: Final = 0.5
@@ -110,7 +113,8 @@ class Segmenter:
         self.cutter = SegmentCutter(seconds=config.seconds, rate=ring.rate,
                                     max_write_frames=max(1, round(max_write_seconds * ring.rate)))
         self.stats = SegmenterStats()
-        self.sealed: list[SegmentMeta] = []  # this run's seals (last 1000)
+        # This run's latest seals (the demo's report, tests); the spool has them all.
+        self.sealed: collections.deque[SegmentMeta] = collections.deque(maxlen=RECENT_SEALS)
         self._reader: RingReader | None = None
         self._open: _Open | None = None
         self._retry_id: str | None = None  # id to reuse when rewriting a failed segment
@@ -293,7 +297,6 @@ class Segmenter:
                      seg_id, meta.seconds)
             self.stats.segments_sealed += 1
             self.sealed.append(meta)
-            del self.sealed[:-1000]
             await self._quota()
 
     async def _quota(self) -> None:
@@ -380,7 +383,6 @@ class Segmenter:
         self._attempt = 0
         self.stats.segments_sealed += 1
         self.sealed.append(meta)
-        del self.sealed[:-1000]
         self.spool.clear_disk_error()
         await self._quota()
 
