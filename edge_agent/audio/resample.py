@@ -161,7 +161,7 @@ class StreamResampler:
             return f
         new: NDArray[np.float32] = self._soxr.resample_chunk(np.ascontiguousarray(f))
         ready = np.concatenate([self._held, new]) if self._held.shape[0] else new
-        due = self._frames_in * self.out_rate // self.in_rate - self._lag - self._frames_out
+        due = self._owed() - self._lag
         # Should soxr ever hold back more than the probe found, what is missing
         # comes with a later block.
         due = min(max(due, 0), ready.shape[0])
@@ -179,13 +179,17 @@ class StreamResampler:
             # soxr ends the stream at round(n_in * ratio) frames: one more than
             # the floor we promise when the fraction is >= 1/2, so cut it. Pad
             # with silence should a release ever end short.
-            pending = max(self._frames_in * self.out_rate // self.in_rate - self._frames_out, 0)
+            pending = max(self._owed(), 0)
             if tail.shape[0] >= pending:
                 return tail[:pending]
             return np.concatenate([tail, np.zeros((pending - tail.shape[0], self.channels),
                                                   np.float32)])
         finally:
             self.reset()
+
+    def _owed(self) -> int:
+        """Output frames the input so far makes (the floor) that were not yet returned."""
+        return self._frames_in * self.out_rate // self.in_rate - self._frames_out
 
     def reset(self) -> None:
         """Forget all state, as if freshly constructed."""

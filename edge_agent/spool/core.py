@@ -141,9 +141,10 @@ class Spool:
         check_id(segment_id)
         with self._lock:
             entry = self.index.entries.get(segment_id)
-            if entry is None or entry.meta is None:
+            meta = entry.meta if entry is not None else None
+            if entry is None or meta is None:
                 raise KeyError(segment_id)
-            return self.files.dir(entry.state, segment_id) / FORMATS[entry.meta.format][0]
+            return self.files.dir(entry.state, segment_id) / FORMATS[meta.format][0]
 
     # -- recording -------------------------------------------------------------
 

@@ -76,9 +76,8 @@ class SegmentIndex:
         """The segment's metadata and state, or None."""
         with self.lock:
             entry = self.entries.get(segment_id)
-            if entry is None or entry.meta is None:
-                return None
-            return entry.meta, entry.state
+            meta = entry.meta if entry is not None else None
+            return None if entry is None or meta is None else (meta, entry.state)
 
     def pending(self) -> list[SegmentMeta]:
         """Sealed segments not yet synced, oldest first."""
@@ -95,13 +94,12 @@ class SegmentIndex:
                state: SegmentState | None = None, limit: int | None = None,
                newest_first: bool = True) -> list[tuple[SegmentMeta, SegmentState]]:
         """Segments overlapping ``[since, until)`` (epoch seconds), optionally in one state."""
-        with self.lock:
-            rows = [(e.meta, e.state) for e in self.entries.values() if e.meta is not None]
+        with self.lock:  # state first: a synced entry's metadata is decoded to read it
+            rows = [(m, e.state) for e in self.entries.values()
+                    if (state is None or e.state is state) and (m := e.meta) is not None]
         out = [
             (m, s) for m, s in rows
-            if (state is None or s is state)
-            and (since is None or m.end_ts > since)
-            and (until is None or m.start_ts < until)
+            if (since is None or m.end_ts > since) and (until is None or m.start_ts < until)
         ]
         out.sort(key=lambda row: row[0].id, reverse=newest_first)
         return out[:limit] if limit is not None else out
@@ -111,8 +109,8 @@ class SegmentIndex:
         with self.lock:
             return [
                 Held(id=name, state=e.state, bytes=e.bytes,
-                     end_ts=e.meta.end_ts if e.meta is not None else None,
-                     seconds=e.meta.seconds if e.meta is not None else 0.0)
+                     end_ts=m.end_ts if (m := e.meta) is not None else None,
+                     seconds=m.seconds if m is not None else 0.0)
                 for name, e in self.entries.items()
             ]
 
