@@ -94,20 +94,26 @@ class Segmenter:
         backoff: Delays between attempts after a disk error.
         runner: Runs the blocking work (default: a worker thread, one at a time).
         batch_seconds: Audio gathered for one trip to the worker thread (and one
-            wake-up of this task).
+            wake-up of this task). Default: ``fsync_seconds`` (at most
+            ``max_write_seconds`` and a quarter of the ring), so each batch is
+            written and made durable in one trip, and a crash of either kind (the
+            process killed, the power cut) loses at most that much.
         seal_grace: Bound on sealing the open segment when the task is cancelled.
         max_write_seconds: Most audio handed to the encoder in one call.
     """
 
     def __init__(self, ring: AudioRing, spool: Spool, config: SegmentsConfig, *,
                  backoff: Backoff | None = None, runner: ThreadRunner | None = None,
-                 batch_seconds: float = 1.0, seal_grace: float = 3.5,
+                 batch_seconds: float | None = None, seal_grace: float = 3.5,
                  max_write_seconds: float = 10.0) -> None:
         self.ring = ring
         self.spool = spool
         self.config = config
         self.backoff = backoff or Backoff(initial=1.0, maximum=30.0)
         self.runner = runner or ThreadRunner(1)
+        if batch_seconds is None:
+            batch_seconds = min(config.fsync_seconds, max_write_seconds,
+                                ring.capacity / ring.rate / 4)
         self.batch_seconds = batch_seconds
         self.seal_grace = seal_grace
         self.cutter = SegmentCutter(seconds=config.seconds, rate=ring.rate,
@@ -144,8 +150,11 @@ class Segmenter:
         try:
             while True:
                 # One wake-up per batch (the capture thread wakes Trio only when a
-                # reader's wait is met); a mic gone quiet still gets its fsync.
-                with trio.move_on_after(self.config.fsync_seconds) as idle:
+                # reader's wait is met); a mic gone quiet still gets its fsync. The
+                # wait for a batch may run a little past its length: that is not
+                # quiet yet.
+                with trio.move_on_after(max(self.config.fsync_seconds,
+                                            2 * self.batch_seconds)) as idle:
                     await reader.wait(self._wanted(batch))
                 if idle.cancelled_caught and reader.lag <= 0:
                     await self._idle_sync()
@@ -189,10 +198,14 @@ class Segmenter:
 
     def _wanted(self, batch: int) -> int:
         """Frames to wait for: a batch, or fewer when the open segment's boundary
-        comes sooner, so a segment is sealed as soon as its last frame is captured."""
+        comes sooner, so a segment is sealed as soon as its last frame is captured;
+        with no segment open, the first frame (which opens one and sets the
+        boundary)."""
         seg, reader = self._open, self._reader
-        if seg is None or reader is None or self.ring.head == 0:
+        if reader is None:
             return batch
+        if seg is None or self.ring.head == 0:
+            return 1
         left = (seg.end_mono - self.ring.index_to_mono(reader.cursor)) * self.ring.rate
         return max(1, min(batch, math.ceil(left) + 1))
 

@@ -1,7 +1,8 @@
 """The open segment: encoded audio appended to ``tmp/<id>/``, fsynced on schedule.
 
 Owns `SegmentWriter`: appends what the encoder (`audio.encoders.make_encoder`)
-produces, fsyncs every ``segments.fsync_seconds``, writes the encoder's durable
+produces, fsyncs every ``segments.fsync_seconds`` (of time or of audio written,
+whichever comes first), writes the encoder's durable
 marks after each fsync (WAV sizes: what that fsync made durable), and finishes the
 file for sealing. An fsync that failed is never retried on the same descriptor.
 Synchronous: the segmenter calls it from its worker thread.
@@ -38,7 +39,7 @@ class SegmentWriter:
         seg_dir: ``tmp/<id>``.
         header: What ``open.json`` holds.
         encoder: Turns PCM into the bytes of the audio file.
-        fsync_seconds: Most time between fsyncs while writing.
+        fsync_seconds: Most time, and most audio, between fsyncs while writing.
         on_fsync_failure: Called when an fsync fails (the spool counts them).
     """
 
@@ -59,6 +60,8 @@ class SegmentWriter:
         self._fsync_seconds = fsync_seconds
         self._on_fsync_failure = on_fsync_failure
         self._last_sync: float | None = None
+        self._synced_frames = 0  # frames written at the last fsync
+        self._fsync_frames = max(1, round(fsync_seconds * header.rate))
         self._durable_marks: list[tuple[int, bytes]] = []
         self.published = False  # renamed into sealed/ (maybe not yet durable)
         self.closed = False
@@ -81,12 +84,15 @@ class SegmentWriter:
     def write(self, pcm: NDArray[Any], now: float) -> None:
         """Encode ``pcm`` and append the bytes produced; fsync when one is due.
 
-        ``now`` is a monotonic time in seconds (Trio's clock in the agent).
+        ``now`` is a monotonic time in seconds (Trio's clock in the agent). Counting
+        audio as well as time makes a batch of ``fsync_seconds`` of audio durable
+        in the same trip, however the capture's timing jitters.
         """
         if len(pcm):
             self._append(self._enc.write(pcm))
             self.frames += int(pcm.shape[0])
-        if self._last_sync is None or now - self._last_sync >= self._fsync_seconds:
+        if (self._last_sync is None or now - self._last_sync >= self._fsync_seconds
+                or self.frames - self._synced_frames >= self._fsync_frames):
             self.sync(now)
 
     def sync(self, now: float, *, flush_encoder: bool = False) -> None:
@@ -117,6 +123,7 @@ class SegmentWriter:
                 self._durable_marks = patches
                 self.unsynced = True  # the marks themselves become durable next time
         self._last_sync = now
+        self._synced_frames = self.frames
 
     def finish(self) -> None:
         """Append the encoder's last bytes and patches, sync, and close the file."""

@@ -38,6 +38,7 @@ from edge_agent.clock import ManualClock
 from edge_agent.config import SegmentsConfig, validate
 from edge_agent.fs import FileOps
 from edge_agent.spool import Spool
+from edge_agent.spool.writer import SegmentWriter
 from edge_agent.wire import (
     SEGMENT_ID_PATTERN,
     SegmentMeta,
@@ -198,14 +199,15 @@ async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
     tmp_path: Path, autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # A source ahead of real time: 20 s captured, and the Opus encode (1 s of work
-    # per second of audio here) far behind when the stop comes.
+    # A source ahead of real time: 18 s more captured than encoded, and the Opus
+    # encode (1 s of work per second of audio here) far behind when the stop comes.
     rig = Rig(tmp_path, fmt="opus", seconds=60)
     rig.segmenter.runner = SlowWrites(rig.rate, only="opus")
     rig.segmenter.seal_grace = 2.0
+    paced = 2 * rig.segmenter.batch_seconds
     async with trio.open_nursery() as nursery:
         await nursery.start(rig.segmenter.run)
-        await rig.feed(2.0)  # the first two seconds at real time: encoded as they come
+        await rig.feed(paced)  # two batches at real time: encoded as they come
         await rig.feed(18.0, paced=False)  # then the source runs ahead
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
@@ -216,8 +218,8 @@ async def test_an_encode_backlog_at_shutdown_is_sealed_as_wav(
     # starts where the Opus one ends, and the two hold every captured frame.
     assert [m.format for m in metas] == ["opus", "wav"]
     opus, wav = metas
-    assert 0 < opus.frames < 5 * rig.rate
-    assert opus.frames + wav.frames == 20 * rig.rate
+    assert 0 < opus.frames < (paced + 3) * rig.rate
+    assert opus.frames + wav.frames == (paced + 18) * rig.rate
     assert wav.start_ts == pytest.approx(opus.end_ts)
     np.testing.assert_array_equal(decoded_frames(wav, rig.spool.audio_path(wav.id)),
                                   rig.fed_signal()[opus.frames:])
@@ -563,6 +565,32 @@ def test_verify_catches_bit_rot_and_truncation(tmp_path: Path) -> None:
         f.truncate(b.bytes - 10)
     assert (spool.verify(a.id), spool.verify(b.id), spool.verify(c.id)) == (False, False, True)
     assert spool.stats.integrity_failures == 2
+
+
+async def test_audio_goes_to_disk_in_batches_of_fsync_seconds_each_durable_when_written(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # One trip to the worker thread per fsync interval of audio, not per capture
+    # block (each trip wakes two threads), and each batch is durable when its trip
+    # ends, so a crash of either kind loses at most fsync_seconds of audio.
+    rig = Rig(tmp_path, fmt="opus", seconds=60, fsync_seconds=2.0)
+    trips: list[tuple[int, bool]] = []
+
+    class Trips(InlineRunner):
+        async def run(self, fn: Callable[..., T], *args: Any) -> T:
+            result = await super().run(fn, *args)
+            writer = getattr(fn, "__self__", None)
+            if isinstance(writer, SegmentWriter) and fn.__name__ == "write":
+                trips.append((len(args[0]), writer.unsynced))
+            return result
+
+    rig.segmenter.runner = Trips()
+    await run_segmenter(rig, lambda: rig.feed(10.0))
+    batch = 2 * rig.rate
+    # The first frames open the segment; a minute boundary may split one batch.
+    assert len(trips) <= 10 // 2 + 2, trips
+    assert sum(n for n, _ in trips) == 10 * rig.rate
+    assert [unsynced for n, unsynced in trips if n >= batch] == [False] * 4
 
 
 async def test_wait_pending_wakes_at_the_seal_without_polling(
