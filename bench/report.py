@@ -506,6 +506,10 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
             "| Trio thread share of one core | max real-time load |",
             "|---|---|---|---|---|---|",
         ]
+        rt = results.get("realtime") if pi.get("basis") == "real-time run" else None
+        encodes = (f"STT at complexity {rt['stt_complexity']}, segments at "
+                   f"{rt['segments_complexity']}, of a 48 kHz mono capture" if rt else
+                   f"at {opus_complexity(results.get('cpu', {}))}, on 48 kHz stereo")
         for name, b in pi["boards"].items():
             lines.append(
                 f"| {name} | {b['agent_cpu_s_per_audio_hour']:.0f} | "
@@ -515,9 +519,8 @@ def write_report(results: dict[str, Any], path: Path, plots: dict[str, str],
         lines += ["", "The maximum real-time load is how many such streams' worth of work "
                   "the board could carry: one core over the Trio thread's share, and all "
                   "cores over the whole agent's share, whichever is smaller. Most of the "
-                  f"cost is the two Opus encodes at {opus_complexity(results.get('cpu', {}))} "
-                  "on 48 kHz stereo; a mono microphone would cut it, and section 8 measures "
-                  "what each encoder complexity costs and keeps.", ""]
+                  f"cost is the two Opus encodes ({encodes}); section 8 measures what each "
+                  "encoder complexity costs and keeps.", ""]
     lines += complexity_section(results)
     lines += ["## `bench/results.json`", "",
               "Stable keys, so a later run can be compared with this one "

@@ -193,8 +193,7 @@ class SegmentsConfig(_Section):
         "Opus encoder complexity: 0 (least CPU) to 10 (most quality per bit)"
     ))] = 7
     fsync_seconds: Annotated[float, Meta(gt=0, le=600, description=(
-        "How often captured audio is written to the open segment and flushed to disk:"
-        " what a crash can lose (seconds)"
+        "Audio written and flushed to disk at a time: what a crash can lose (seconds)"
         ))] = 5.0
     max_spool_mb: Annotated[int, Meta(ge=1, description=(
         "Spool size at most; past it the oldest synced segments go first (MB)"))] = 2048

@@ -41,7 +41,7 @@ LOAD_SECONDS = float(os.environ.get("EDGE_AGENT_LOAD_SECONDS", "15"))
 CLIENTS = int(os.environ.get("EDGE_AGENT_LOAD_CLIENTS", "50"))
 TOKEN = "load-test-token-0123456789"
 # The event loop may lag behind real time by this much at worst and still be "on
-# pace": a block is 20 ms, the segmenter batches 250 ms.
+# pace" (a block is 20 ms).
 PACE_SLACK_SECONDS = 1.0
 
 
@@ -234,7 +234,9 @@ async def test_load(tmp_path: Path) -> None:
     assert captured >= elapsed - PACE_SLACK_SECONDS
     assert all(overruns == 0 for overruns, _lag in readers.values()), readers
     assert seg_stats.lost_frames == 0 and seg_stats.failures == 0
-    assert readers["segmenter"][1] < 2.0  # and it is still keeping up at the end
+    # ... and it is still keeping up at the end: behind by at most its batch (it
+    # takes the ring's audio a batch at a time) and a moment.
+    assert readers["segmenter"][1] < segmenter.batch_seconds + 1.0
     assert stt_stats.overruns == 0 and stt_stats.dropped == 0 and stt_stats.chunks_sent > 0
     # The clients got audio and files, whole; the only 5xx is the documented busy 503.
     assert status.get("audio 200", 0) >= 10 and status.get("download 200", 0) > 0
